@@ -1,0 +1,93 @@
+"""The algorithms by name: one ``MethodSpec`` per method, in one registry.
+
+A method is GRPO plus (i) a per-token weight on the advantage and the rollouts it applies to,
+(ii) which rollouts get a teacher view, and (iii) which loss each rollout trains with
+(paper Appendix G.1, Table 4). Adding a method is one ``register_method(MethodSpec(...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+
+from megatron_rlrt.algorithms.token_weights import rlrt_weight, rlsd_weight
+
+# r = 1 means reward >= SUCCESS_THRESHOLD: works for {0, 1} and {-1, 1} rewards alike.
+SUCCESS_THRESHOLD = 0.5
+
+TokenWeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the trainer needs to know about one method.
+
+    token_weight: w_t(A, log P_S, log P_T) mixed into the advantage by eq. 7; None = A_t = A.
+    weight_on: rollouts whose advantage is reweighted: "correct" (r = 1, RLRT's reward gate)
+        or "all" (RLRT-all, RLSD).
+    teacher_rows: rollouts that need a teacher forward: "none", "correct", "incorrect", "all"
+        (always further restricted to rollouts that have a context).
+    teacher_needs_signal: the teacher only matters where A != 0 (weighting methods), so
+        zero-signal groups (all rewards equal) get no teacher forward.
+    loss: "pg" (clipped surrogate on A_t), "distill" (distillation on teacher rows, no pg),
+        "routed" (SRPO: distillation on r = 0 rows with a teacher, pg on all other rows).
+    context: default privileged context c: "none", "peer" (a successful rollout of the same
+        prompt), "reference_answer", "reference_solution".
+    std_normalize: default advantage std normalisation (Table 5).
+    entropy_bonus: the entropy term of GRPO+EB is on by default.
+    """
+
+    name: str
+    token_weight: Optional[TokenWeightFn] = None
+    weight_on: Literal["correct", "all"] = "all"
+    teacher_rows: Literal["none", "correct", "incorrect", "all"] = "none"
+    teacher_needs_signal: bool = False
+    loss: Literal["pg", "distill", "routed"] = "pg"
+    context: Literal["none", "peer", "reference_answer", "reference_solution"] = "none"
+    std_normalize: bool = False
+    entropy_bonus: bool = False
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_rows != "none"
+
+    @property
+    def uses_distillation(self) -> bool:
+        return self.loss in ("distill", "routed")
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.name] = spec
+    return spec
+
+
+register_method(MethodSpec("grpo"))
+register_method(MethodSpec("grpo_eb", entropy_bonus=True))
+_WEIGHTED = dict(teacher_needs_signal=True, loss="pg", std_normalize=True)
+register_method(
+    MethodSpec("rlrt", rlrt_weight, weight_on="correct", teacher_rows="correct", context="peer", **_WEIGHTED)
+)
+register_method(MethodSpec("rlrt_all", rlrt_weight, weight_on="all", teacher_rows="all", context="peer", **_WEIGHTED))
+register_method(
+    MethodSpec("rlsd", rlsd_weight, weight_on="all", teacher_rows="all", context="reference_answer", **_WEIGHTED)
+)
+register_method(MethodSpec("sdpo", teacher_rows="all", loss="distill", context="peer"))
+register_method(MethodSpec("srpo", teacher_rows="incorrect", loss="routed", context="peer"))
+register_method(MethodSpec("opsd", teacher_rows="all", loss="distill", context="reference_solution"))
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}") from None
+
+
+def is_correct(rewards: torch.Tensor, threshold: float = SUCCESS_THRESHOLD) -> torch.Tensor:
+    """r(y) = 1 in the paper's notation."""
+    return rewards >= threshold

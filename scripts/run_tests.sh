@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything the tests need (scripts/setup_env.sh) and run the CPU test suite.
+# Extra arguments go to pytest, e.g. scripts/run_tests.sh -k parity
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/python -m pytest tests "$@"

@@ -1,0 +1,76 @@
+"""The CPU adaptation of megatron-core: fails loudly when an upgrade changes what it patches."""
+
+import importlib
+import inspect
+import re
+import sys
+
+import pytest
+import torch
+
+from megatron_rlrt import platform
+
+CUDA_LITERAL = re.compile(r"""device\s*=\s*['"]cuda['"]|autocast\(\s*['"]cuda['"]""")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU adaptation is off when CUDA exists")
+
+
+def _import_training_stack():
+    """Everything the trainer, tools and tests import from megatron-core."""
+    platform.setup_megatron()
+    for name in ("megatron.core.models.gpt", "megatron.core.pipeline_parallel", "megatron.core.optimizer",
+                 "megatron.core.distributed", "megatron.core.dist_checkpointing", "megatron.core.tensor_parallel",
+                 "megatron.core.optimizer_param_scheduler", "megatron_rlrt.models.forward",
+                 "megatron_rlrt.models.megatron_checkpoint", "megatron_rlrt.convert"):
+        importlib.import_module(name)
+
+
+def test_installed_megatron_core_is_the_supported_version():
+    assert platform.megatron_core_version().startswith(platform.SUPPORTED_MEGATRON_CORE)
+
+
+def test_every_patched_module_still_hard_codes_cuda():
+    _import_training_stack()
+    for name in platform.CUDA_STRING_MODULES:
+        src = open(sys.modules[name].__file__, encoding="utf-8").read()
+        assert CUDA_LITERAL.search(src), f"{name} no longer creates CUDA tensors by name: drop it from the patch list"
+
+
+def test_no_new_module_hard_codes_cuda():
+    """Any imported megatron module with device='cuda' must be patched or known unreached."""
+    _import_training_stack()
+    known = set(platform.CUDA_STRING_MODULES) | set(platform.CUDA_STRING_MODULES_UNREACHED_ON_CPU)
+    found = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith("megatron.core") and path and path.endswith(".py"):
+            if CUDA_LITERAL.search(open(path, encoding="utf-8").read()):
+                found.add(name)
+    assert found - known == set(), f"megatron-core has new hard-coded CUDA uses in {sorted(found - known)}"
+    assert known - found == set(), f"stale entries in platform.py: {sorted(known - found)}"
+
+
+@pytest.mark.parametrize("module,qualname", platform.SCOPED_FUNCTIONS)
+def test_scoped_functions_still_need_their_patch(module, qualname):
+    _import_training_stack()
+    owner = importlib.import_module(module)
+    for part in qualname.split("."):
+        owner = getattr(owner, part)
+    fn = inspect.unwrap(owner)
+    src = inspect.getsource(fn)
+    assert "torch.cuda." in src and ".type()" in src or ".cuda()" in src, f"{module}.{qualname} changed"
+    assert getattr(owner, "__megatron_rlrt_patched__", False), f"{module}.{qualname} is not wrapped"
+
+
+def test_patched_torch_cuda_calls_target_the_cpu():
+    _import_training_stack()
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.current_stream().wait_stream(torch.cuda.Stream())
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    assert torch.rand(3).equal(a)
+    # the proxy maps factory devices; CPU tensors report CUDA type names only inside scoped calls
+    proxy = sys.modules["megatron.core.optimizer.clip_grads"].torch
+    assert proxy.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.zeros(1).type() == "torch.FloatTensor"

@@ -35,6 +35,7 @@ install_requires = [
     "tensorboard",
     "matplotlib",
     "pyarrow",
+    "aiohttp==3.14.5",  # async HTTP to the rollout servers (megatron_rlrt/rollout/http_client.py)
 ]
 
 extras_require = {

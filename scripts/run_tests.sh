@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+bash scripts/setup_vllm_env.sh || [ $? -eq 3 ]  # .venv-vllm for tests/test_vllm_engine.py (exit 3: no PyPI, tests skip)
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec .venv/bin/python -m pytest tests "$@"

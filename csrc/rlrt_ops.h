@@ -1,0 +1,61 @@
+// megatron-rlrt fused log-prob ops: shared declarations of the CPU and CUDA kernels.
+//
+// Every kernel works on one rank's vocabulary shard of a [N, V'] logits tensor (rows are
+// tokens). The cross-rank combination of the per-row statistics happens in Python with ONE
+// all-gather (megatron_rlrt/ops/logprobs.py); the kernels never communicate.
+//
+// Per-row statistics (float32, [N, 4]) for the shard, with k = inv_temp and d_j = (x_j - m) * k:
+//   [0] m = max_j x_j  (raw logits; -inf for an empty or all -inf row)
+//   [1] s = sum_j exp(d_j)
+//   [2] t = x_target if the target is in this shard, else 0 (raw)
+//   [3] q = sum_j exp(d_j) * d_j   (only when with_entropy; else 0)
+// Shards combine with M = max m_r, a_r = (m_r - M) k, S = sum s_r e^a_r, T = sum t_r,
+// Q = sum e^a_r (q_r + a_r s_r); then log p = (T - M) k - log S, H = log S - Q / S.
+// Differences are taken in raw logits BEFORE scaling by 1/T, and the backward kernels take
+// norm = [N, 2] = (M, log S) rather than log Z: with logits near 1e4, a rounded x/T or a float32
+// log Z would carry ~1e-3 of absolute error into every log-prob and softmax value.
+#pragma once
+
+// Light ATen headers only (not torch/extension.h): the .cu file compiles several times faster.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+// float32, bfloat16 and float16 logits (float64 goes to the torch reference in Python).
+#define RLRT_DISPATCH_FLOATS(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                    \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace rlrt {
+
+constexpr int kNumStats = 4;
+
+// CPU kernels (logprobs_cpu.cpp)
+at::Tensor stats_cpu(const at::Tensor& logits, const at::Tensor& local_targets, double inv_temp,
+                     bool with_entropy);
+void grad_cpu(const at::Tensor& logits, const at::Tensor& local_targets, const at::Tensor& norm,
+              const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent,
+              const c10::optional<at::Tensor>& entropy, double inv_temp, at::Tensor& out);
+at::Tensor epilogue_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& adv,
+                        const at::Tensor& gate, const at::Tensor& mask, double lam, double eps_w,
+                        bool inverse);
+std::string cpu_capability();
+
+#ifdef RLRT_WITH_CUDA
+// CUDA kernels (logprobs_cuda.cu)
+at::Tensor stats_cuda(const at::Tensor& logits, const at::Tensor& local_targets, double inv_temp,
+                      bool with_entropy);
+void grad_cuda(const at::Tensor& logits, const at::Tensor& local_targets, const at::Tensor& norm,
+               const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent,
+               const c10::optional<at::Tensor>& entropy, double inv_temp, at::Tensor& out);
+at::Tensor epilogue_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& adv,
+                         const at::Tensor& gate, const at::Tensor& mask, double lam, double eps_w,
+                         bool inverse);
+#endif
+
+}  // namespace rlrt

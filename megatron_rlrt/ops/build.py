@@ -1,0 +1,254 @@
+"""Building the csrc/ extension: ahead of time (setup.py build_ext) or on first use (JIT).
+
+Two ways, one set of sources and flags:
+
+* ``MEGATRON_RLRT_BUILD_EXT=1 pip install -e .`` -> setup.py calls :func:`extension_for_setup`
+  and builds ``megatron_rlrt.ops._C`` (a CUDAExtension when torch has CUDA, else a CppExtension).
+* otherwise :func:`jit_load` compiles the same sources with torch.utils.cpp_extension + ninja on
+  first use into a cache folder (``$MEGATRON_RLRT_EXT_DIR``, default
+  ``~/.cache/megatron_rlrt/ext``) whose name hashes the sources, flags, torch and Python versions,
+  so a cached build is reused (~1 s) and never mixed up with another ISA or torch.
+
+CPU kernels are written on ATen's ``Vectorized<float>``; its ISA is chosen at compile time with
+the ``CPU_CAPABILITY`` macros that ATen itself uses, matching what torch dispatches to on this
+machine (``torch.backends.cpu.get_cpu_capability()``; ``$MEGATRON_RLRT_CPU_CAPABILITY`` overrides,
+e.g. ``AVX2`` when a wheel must run on older x86 CPUs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any
+
+import torch
+
+EXT_NAME = "rlrt_ops"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC_DIR = os.environ.get("MEGATRON_RLRT_CSRC", os.path.join(os.path.dirname(os.path.dirname(_HERE)), "csrc"))
+CPU_SOURCES = ("bindings.cpp", "logprobs_cpu.cpp")
+CUDA_SOURCES = ("logprobs_cuda.cu",)
+HEADERS = ("rlrt_ops.h",)
+# Architectures for ahead-of-time CUDA builds (A100, H100/H200) plus PTX for newer GPUs.
+CUDA_ARCH_FLAGS = (
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+)
+
+# -ffp-contract=off: no silent FMA contraction, so the epilogue rounds exactly like torch's ops
+_COMMON_CFLAGS = ["-O3", "-ffp-contract=off"]
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+}
+_CUDA_CFLAGS = ["-O3", "--expt-relaxed-constexpr", "-DRLRT_WITH_CUDA"]
+
+
+def source_paths(with_cuda: bool, relative_to: str | None = None) -> list[str]:
+    names = list(CPU_SOURCES) + (list(CUDA_SOURCES) if with_cuda else [])
+    paths = [os.path.join(CSRC_DIR, n) for n in names]
+    if relative_to is not None:
+        paths = [os.path.relpath(p, relative_to) for p in paths]
+    return paths
+
+
+def sources_present(with_cuda: bool = False) -> bool:
+    return all(os.path.isfile(p) for p in source_paths(with_cuda) + [os.path.join(CSRC_DIR, h) for h in HEADERS])
+
+
+def cpu_capability() -> str:
+    """The vector ISA to compile the CPU kernels for: AVX512, AVX2 or DEFAULT."""
+    forced = os.environ.get("MEGATRON_RLRT_CPU_CAPABILITY")
+    if forced:
+        if forced.upper() not in _ISA_FLAGS:
+            raise ValueError(f"MEGATRON_RLRT_CPU_CAPABILITY={forced!r}; valid: {sorted(_ISA_FLAGS)}")
+        return forced.upper()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "DEFAULT"
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if cap.startswith("AVX512"):
+        return "AVX512"
+    if cap.startswith("AVX2"):
+        return "AVX2"
+    return "DEFAULT"
+
+
+def cxx_flags(capability: str, with_cuda: bool) -> list[str]:
+    return _COMMON_CFLAGS + _ISA_FLAGS[capability] + (["-DRLRT_WITH_CUDA"] if with_cuda else [])
+
+
+def nvcc_flags(arch_flags: list[str] | tuple[str, ...] = CUDA_ARCH_FLAGS) -> list[str]:
+    return _CUDA_CFLAGS + list(arch_flags)
+
+
+def cuda_toolchain() -> str | None:
+    """Why a CUDA build is impossible here, or None when it is possible."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "nvcc/CUDA_HOME not found"
+    return None
+
+
+def compiler_problem() -> str | None:
+    """Why no C++ build can happen here (missing compiler, ninja or sources), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"compiler missing ({cxx} not on PATH)"
+    if not sources_present():
+        return f"csrc sources not found under {CSRC_DIR}"
+    if _find_ninja() is None:
+        return "ninja missing (pip install ninja)"
+    return None
+
+
+def _find_ninja() -> str | None:
+    found = shutil.which("ninja")
+    if found:
+        return found
+    candidates = [os.path.join(os.path.dirname(sys.executable), "ninja")]
+    try:
+        import ninja  # type: ignore
+
+        candidates.insert(0, os.path.join(ninja.BIN_DIR, "ninja"))
+    except Exception:
+        pass
+    return next((c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def _build_key(capability: str, with_cuda: bool, cuda_arch: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in source_paths(with_cuda) + [os.path.join(CSRC_DIR, n) for n in HEADERS]:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    h.update(repr((cxx_flags(capability, with_cuda), nvcc_flags(cuda_arch) if with_cuda else None,
+                   torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())).encode())
+    return h.hexdigest()[:12]
+
+
+def build_dir_root() -> str:
+    return os.environ.get("MEGATRON_RLRT_EXT_DIR", os.path.join(os.path.expanduser("~"), ".cache", "megatron_rlrt", "ext"))
+
+
+def _local_cuda_arch() -> list[str]:
+    """JIT on a GPU: compile for the local device only (halves the nvcc time)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []  # torch.utils.cpp_extension reads it
+    major, minor = torch.cuda.get_device_capability()
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float, str]:
+    """Compile (or reuse) and import the extension. Returns (module, seconds, build dir).
+
+    Raises on any failure; the caller (megatron_rlrt.ops.dispatch) turns that into a fallback.
+    """
+    from torch.utils import cpp_extension
+
+    problem = compiler_problem()
+    if problem:
+        raise RuntimeError(problem)
+    capability = cpu_capability()
+    cuda_arch = _local_cuda_arch() if with_cuda else []
+    key = _build_key(capability, with_cuda, cuda_arch)
+    name = f"{EXT_NAME}_{'cuda' if with_cuda else 'cpu'}_{capability.lower()}_{key}"
+    build_dir = os.path.join(build_dir_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    ninja = _find_ninja()
+    old_path = os.environ.get("PATH", "")
+    ninja_dir = os.path.dirname(ninja) if ninja else None
+    if ninja_dir and shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja_dir + os.pathsep + old_path
+    os.environ.setdefault("MAX_JOBS", "2")
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=source_paths(with_cuda),
+            extra_cflags=cxx_flags(capability, with_cuda),
+            extra_cuda_cflags=nvcc_flags(cuda_arch) if with_cuda else None,
+            extra_include_paths=[CSRC_DIR],
+            build_directory=build_dir,
+            with_cuda=with_cuda,
+            verbose=verbose,
+        )
+    finally:
+        os.environ["PATH"] = old_path
+    return module, time.perf_counter() - start, build_dir
+
+
+def extension_for_setup():
+    """(Extension, cmdclass) for setup.py: ``megatron_rlrt.ops._C`` from csrc/.
+
+    A CUDAExtension (CPU + CUDA kernels, sm_80/sm_90) when torch was built with CUDA and nvcc
+    is found, else a CppExtension (CPU kernels only).
+    """
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    root = os.path.dirname(CSRC_DIR)
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    capability = cpu_capability()
+    kwargs = dict(
+        name="megatron_rlrt.ops._C",
+        sources=source_paths(with_cuda, relative_to=root),
+        include_dirs=[CSRC_DIR],
+    )
+    if with_cuda:
+        ext = CUDAExtension(extra_compile_args={"cxx": cxx_flags(capability, True), "nvcc": nvcc_flags()}, **kwargs)
+    else:
+        ext = CppExtension(extra_compile_args={"cxx": cxx_flags(capability, False)}, **kwargs)
+    return ext, {"build_ext": BuildExtension}
+
+
+def nvcc_compile_check(out_dir: str, arch_flags=CUDA_ARCH_FLAGS, timeout: float = 900) -> float:
+    """Compile csrc/logprobs_cuda.cu to an object with nvcc (no GPU, no link): a CI check that the
+    CUDA sources build for sm_80/sm_90. Works against a CPU-only torch: its wheel lacks one
+    generated header (c10/cuda/impl/cuda_cmake_macros.h), for which a one-line stand-in is put
+    in ``out_dir``. Returns the seconds taken; raises RuntimeError with nvcc's output on failure.
+    """
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found")
+    os.makedirs(out_dir, exist_ok=True)
+    includes = ["-I" + CSRC_DIR]
+    torch_inc = include_paths()
+    if not any(os.path.exists(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in torch_inc):
+        stub = os.path.join(out_dir, "stub_include", "c10", "cuda", "impl")
+        os.makedirs(stub, exist_ok=True)
+        with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append("-I" + os.path.join(out_dir, "stub_include"))
+    for p in list(torch_inc) + [sysconfig.get_paths()["include"]]:
+        includes += ["-isystem", p]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cmd = [nvcc, "-c", os.path.join(CSRC_DIR, CUDA_SOURCES[0]), "-o", os.path.join(out_dir, "logprobs_cuda.o"),
+           "-std=c++20", "-Xcompiler", "-fPIC", abi, *nvcc_flags(arch_flags), *includes]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return time.perf_counter() - start
+
+
+def nvcc_check_key(arch_flags=CUDA_ARCH_FLAGS) -> str:
+    """Hash of what the nvcc compile check depends on (sources, flags, torch headers' version)."""
+    h = hashlib.sha256()
+    for name in CUDA_SOURCES + HEADERS:
+        with open(os.path.join(CSRC_DIR, name), "rb") as f:
+            h.update(f.read())
+    h.update(repr((nvcc_flags(arch_flags), torch.__version__, shutil.which("nvcc"))).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Compile the CUDA kernels with nvcc (sm_80 + sm_90) without a GPU, and the bindings with the
+# CUDA entry points declared: the check that csrc/ builds for GPUs, from a CPU-only machine.
+# ~35 s for nvcc + ~20 s for the bindings. Usage: bash tests/gpu/compile_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-.venv/bin/python}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+"$PY" - "$out" <<'PYEOF'
+import os, subprocess, sys, sysconfig
+from torch.utils.cpp_extension import include_paths
+from megatron_rlrt.ops import build
+out = sys.argv[1]
+print(f"[compile_check] nvcc {build.CUDA_SOURCES[0]} for sm_80, sm_90 ...", flush=True)
+print(f"[compile_check] nvcc ok in {build.nvcc_compile_check(out):.0f} s", flush=True)
+cmd = ["c++", "-c", os.path.join(build.CSRC_DIR, "bindings.cpp"), "-o", os.path.join(out, "bindings.o"), "-fPIC",
+       "-std=c++20", "-DTORCH_EXTENSION_NAME=rlrt_ops_check", *build.cxx_flags(build.cpu_capability(), True)]
+cmd += [f"-I{build.CSRC_DIR}"] + [f"-isystem{p}" for p in include_paths()] + [f"-isystem{sysconfig.get_paths()['include']}"]
+subprocess.run(cmd, check=True)
+print("[compile_check] bindings with RLRT_WITH_CUDA ok", flush=True)
+PYEOF

@@ -1,0 +1,357 @@
+"""One typed configuration for a training run.
+
+Flag names follow Megatron-LM where Megatron users already know the knob
+(``--tensor-model-parallel-size``, ``--micro-batch-size``, ``--lr``, ``--clip-grad``, ...) and
+slime for the RL knobs (``--rollout-batch-size``, ``--n-samples-per-prompt``,
+``--advantage-estimator``, ``--eps-clip``, ...). Precedence: field defaults < YAML recipe
+(``--config recipe.yaml``; keys are the flag names with ``_`` or ``-``) < command line.
+
+``Config.validate()`` runs before any process group or model exists and names the flags
+involved in every problem it finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+METHOD_NAMES = ("grpo", "grpo_eb", "rlrt", "rlrt_all", "rlsd", "sdpo", "srpo", "opsd")
+
+
+def _f(default, help: str, choices=None, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class Config:
+    # ---- model and checkpoints -----------------------------------------------------------
+    hf_checkpoint: Optional[str] = _f(None, "Hugging Face Qwen3 checkpoint dir: architecture, tokenizer, and the "
+                                            "initial weights unless --load is given")
+    load: Optional[str] = _f(None, "megatron-rlrt checkpoint (tools/convert_hf_to_megatron.py output or a training "
+                                   "checkpoint) to initialise the policy from")
+    save: Optional[str] = _f(None, "run directory: checkpoints/, metrics.jsonl, tensorboard/, plots; a run with "
+                                   "checkpoints here resumes from the latest one")
+    save_interval: int = _f(0, "save a checkpoint every N RL steps (0: only at the end)")
+    keep_last_n_checkpoints: int = _f(2, "how many checkpoints to keep (older ones are deleted after a new one is "
+                                         "complete)")
+    no_auto_resume: bool = _f(False, "start from scratch even if --save holds checkpoints (they are kept)")
+    bf16: bool = _f(False, "train with bfloat16 parameters (fp32 master weights in the optimizer)")
+
+    # ---- parallelism -----------------------------------------------------------------------
+    tensor_model_parallel_size: int = _f(1, "tensor-parallel size (splits heads, MLP and vocabulary)")
+    pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (splits layers into stages)")
+    virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "model chunks per pipeline stage (interleaved "
+                                                                   "1F1B schedule)")
+    context_parallel_size: int = _f(1, "context-parallel size (GPU + Transformer Engine only)")
+    sequence_parallel: bool = _f(False, "sequence parallelism for norms/dropout (GPU + TE only, needs TP>1)")
+    use_distributed_optimizer: bool = _f(False, "shard optimizer state across data-parallel ranks (ZeRO-1)")
+    recompute_granularity: Optional[str] = _f(None, "activation recomputation", choices=("full", "selective"))
+
+    # ---- optimisation ------------------------------------------------------------------------
+    lr: float = _f(1e-6, "peak learning rate (paper: 1e-6 GRPO/RLSD/RLRT, 1e-5 SDPO, 5e-6 SRPO)")
+    min_lr: float = _f(0.0, "learning rate at the end of the decay")
+    lr_warmup_iters: int = _f(10, "linear warm-up length in optimizer steps")
+    lr_decay_style: str = _f("constant", "learning-rate schedule after warm-up", choices=("constant", "linear", "cosine"))
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    clip_grad: float = _f(1.0, "global gradient-norm clip")
+    train_iters: int = _f(100, "number of RL steps (each: one rollout batch, one or more optimizer steps)")
+    seed: int = _f(1234, "random seed (data order, sampling, initialisation)")
+    micro_batch_size: int = _f(1, "student rows per micro-batch (ignored with --use-dynamic-batch-size)")
+    use_dynamic_batch_size: bool = _f(False, "pack micro-batches up to --max-tokens-per-gpu tokens instead of a "
+                                             "fixed row count")
+    max_tokens_per_gpu: int = _f(8192, "token budget of one packed micro-batch with --use-dynamic-batch-size")
+    global_batch_size: Optional[int] = _f(None, "rollout samples per optimizer step (default: the whole rollout "
+                                                "batch, i.e. one on-policy update per RL step)")
+
+    # ---- rollout ------------------------------------------------------------------------------
+    rollout_engine: str = _f("hf", "rollout engine", choices=("hf", "sglang", "vllm"))
+    rollout_batch_size: int = _f(8, "prompts per RL step")
+    n_samples_per_prompt: int = _f(8, "rollouts per prompt (GRPO group size K)")
+    rollout_max_response_len: int = _f(1024, "maximum response tokens")
+    rollout_max_prompt_len: int = _f(2048, "prompts longer than this are skipped (counted)")
+    rollout_temperature: float = _f(1.0, "sampling temperature (log-probs are computed at the same temperature)")
+    rollout_top_p: float = _f(1.0, "nucleus sampling")
+    rollout_top_k: int = _f(-1, "top-k sampling (-1: off)")
+    rollout_batch_size_per_forward: int = _f(64, "sequences the hf engine generates at once")
+    rollout_urls: Optional[str] = _f(None, "comma-separated server URLs for --rollout-engine sglang|vllm")
+    colocate: bool = _f(False, "rollout servers share the training GPUs (release/resume memory around training)")
+    rollout_num_gpus_per_engine: int = _f(1, "GPUs (tensor-parallel size) per rollout server")
+    update_weight_buffer_size: int = _f(512 * 1024**2, "bytes per weight-sync bucket")
+
+    # ---- algorithm ---------------------------------------------------------------------------
+    advantage_estimator: str = _f("rlrt", "training method", choices=METHOD_NAMES)
+    std_normalize: Optional[bool] = _f(None, "divide group advantages by the group std (default per method: on "
+                                             "for rlrt/rlrt_all/rlsd, off otherwise, as Table 5)")
+    dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal (DAPO); they carry no signal")
+    rlrt_lambda: float = _f(0.5, "lambda_init: mix of the reverse weight into the advantage (eq. 7)")
+    rlrt_clip_eps: float = _f(0.5, "eps_w: clip of the token weight to [1-eps_w, 1+eps_w] (paper best: 1.0 base, "
+                                   "0.5 instruct, 0.2 thinking; RLSD 0.2)")
+    rlrt_lambda_decay_steps: Optional[int] = _f(None, "linear decay of lambda to 0 over this many RL steps (paper: "
+                                                      "none for base, 30 instruct/thinking, RLSD 50)")
+    teacher_context: Optional[str] = _f(None, "privileged context c of the teacher (default per method: peer for "
+                                              "rlrt/sdpo/srpo, answer for rlsd, reference for opsd)",
+                                        choices=("peer", "reference", "answer"))
+    teacher_peer_choice: str = _f("first", "which successful peer rollout becomes the context",
+                                  choices=("first", "shortest", "random"))
+    teacher_strip_thinking: bool = _f(False, "remove <think>...</think> from the context solution")
+    teacher_max_prompt_len: int = _f(4096, "teacher prompts are cut to this many tokens by shortening the solution")
+    teacher_weights: str = _f("current", "teacher parameters: the current policy (eq. 1; teacher rows share the "
+                                         "student's packed forward), the initial policy, or an EMA",
+                              choices=("current", "initial", "ema"))
+    teacher_ema_rate: float = _f(0.05, "EMA rate with --teacher-weights ema")
+    eps_clip: float = _f(0.2, "PPO clip (low side)")
+    eps_clip_high: float = _f(0.28, "PPO clip (high side, DAPO clip-higher)")
+    eps_clip_c: Optional[float] = _f(3.0, "dual-clip constant for negative advantages (verl's default 3.0; 0 disables)")
+    loss_agg_mode: str = _f("token-mean", "loss aggregation",
+                            choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
+    tis_clip: float = _f(2.0, "truncated importance-sampling cap between rollout and trainer log-probs (0: off)")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient (grpo_eb defaults to 0.001)")
+    kl_coef: float = _f(0.0, "reference-KL coefficient (0: no reference model)")
+    kl_type: str = _f("k3", "reference-KL estimator", choices=("k1", "k3"))
+    distill_topk: int = _f(100, "top-K of the distillation loss (sdpo/srpo/opsd)")
+    distill_alpha: float = _f(0.5, "generalized JSD alpha (0: forward KL, 1: reverse KL)")
+    distill_coef: float = _f(1.0, "weight of the distillation loss")
+    srpo_entropy_beta: float = _f(0.0, "SRPO entropy-aware weight beta")
+
+    # ---- reward and data -------------------------------------------------------------------
+    reward: str = _f("auto", "verifier by name: math (math-verify), reasoning_gym, auto (per row's 'verifier' "
+                             "column), or any name registered with megatron_rlrt.reward.register_reward")
+    reward_timeout: float = _f(10.0, "hard per-item scoring timeout in seconds (the item scores 0)")
+    reward_workers: Optional[int] = _f(None, "scoring processes (default: min(8, cpus))")
+    prompt_data: Optional[str] = _f(None, "training prompts (.jsonl / .parquet; DAPO-Math-17k, MATH and our own "
+                                          "layouts are detected)")
+    input_key: Optional[str] = _f(None, "prompt column (default: detected)")
+    label_key: Optional[str] = _f(None, "answer column (default: detected)")
+    solution_key: Optional[str] = _f(None, "reference solution column (default: detected)")
+    apply_chat_template: bool = _f(True, "render prompts through the tokenizer's chat template")
+    enable_thinking: Optional[bool] = _f(None, "Qwen3 thinking mode in the chat template (default: template default)")
+    system_prompt: Optional[str] = _f(None, "system message for every prompt")
+    instruction: Optional[str] = _f(None, "text appended to every prompt, e.g. 'Put your final answer within "
+                                          "\\boxed{}.'")
+    eval_data: Optional[str] = _f(None, "held-out prompts evaluated before training, every --eval-interval steps "
+                                        "and at the end")
+    eval_interval: int = _f(0, "evaluate every N RL steps (0: only before and after training)")
+    eval_n_samples: int = _f(4, "samples per held-out prompt (avg@k and pass@k)")
+    eval_temperature: float = _f(1.0, "sampling temperature for evaluation")
+    eval_max_prompts: Optional[int] = _f(None, "evaluate on at most this many held-out prompts")
+
+    # ---- logging ---------------------------------------------------------------------------
+    log_interval: int = _f(1, "print a metrics line every N RL steps")
+    tensorboard: bool = _f(True, "write TensorBoard event files to <save>/tensorboard")
+    wandb_project: Optional[str] = _f(None, "log to Weights & Biases under this project (needs wandb)")
+    progress: bool = _f(True, "progress bars per phase on rank 0")
+
+    config: Optional[str] = _f(None, "YAML recipe with any of these options (command-line flags override it)")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def layout(self):
+        from megatron_rlrt.parallel import ParallelLayout
+
+        return ParallelLayout(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                              self.virtual_pipeline_model_parallel_size, self.context_parallel_size)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def optimizer_steps_per_rl_step(self) -> int:
+        return self.samples_per_step // (self.global_batch_size or self.samples_per_step)
+
+    def resolved_std_normalize(self) -> bool:
+        from megatron_rlrt.algorithms import get_method
+
+        return get_method(self.advantage_estimator).std_normalize if self.std_normalize is None else self.std_normalize
+
+    def resolved_teacher_context(self) -> str:
+        if self.teacher_context:
+            return self.teacher_context
+        from megatron_rlrt.algorithms import get_method
+
+        return {"peer": "peer", "reference_answer": "answer", "reference_solution": "reference",
+                "none": "peer"}[get_method(self.advantage_estimator).context]
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Raise ``ConfigError`` listing every problem, each naming its flags."""
+        problems: list[str] = []
+
+        def need(cond, msg):
+            if not cond:
+                problems.append(msg)
+
+        need(self.hf_checkpoint or self.load, "--hf-checkpoint (or --load) is required: it defines the model")
+        need(self.prompt_data, "--prompt-data is required")
+        for name in ("hf_checkpoint", "prompt_data", "eval_data"):
+            path = getattr(self, name)
+            need(path is None or os.path.exists(path), f"--{_flag(name)} {path}: no such file or directory")
+        need(self.load is None or os.path.isdir(self.load), f"--load {self.load}: no such directory")
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "rollout_batch_size", "n_samples_per_prompt", "micro_batch_size", "rollout_max_response_len",
+                     "train_iters", "max_tokens_per_gpu"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        need(self.n_samples_per_prompt >= 2 or self.advantage_estimator in ("sdpo", "opsd"),
+             f"--n-samples-per-prompt {self.n_samples_per_prompt}: group advantages need at least 2 samples per prompt")
+        if self.global_batch_size is not None:
+            need(self.global_batch_size >= 1 and self.samples_per_step % self.global_batch_size == 0,
+                 f"--global-batch-size {self.global_batch_size} must divide --rollout-batch-size x "
+                 f"--n-samples-per-prompt = {self.samples_per_step}")
+            need(self.global_batch_size % self.n_samples_per_prompt == 0,
+                 f"--global-batch-size {self.global_batch_size} must be a multiple of --n-samples-per-prompt "
+                 f"{self.n_samples_per_prompt} (whole groups per optimizer step)")
+        if world_size is not None:
+            mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+            if world_size % mp:
+                problems.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+                                f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
+            else:
+                dp = world_size // mp
+                per_step = self.global_batch_size or self.samples_per_step
+                need(per_step % dp == 0, f"samples per optimizer step {per_step} (--global-batch-size or --rollout-"
+                     f"batch-size x --n-samples-per-prompt) must be divisible by the data-parallel size {dp}")
+        need(0.0 <= self.rlrt_lambda <= 1.0, f"--rlrt-lambda {self.rlrt_lambda} must be in [0, 1]")
+        need(self.rlrt_clip_eps >= 0, f"--rlrt-clip-eps {self.rlrt_clip_eps} must be >= 0")
+        need(self.rlrt_lambda_decay_steps is None or self.rlrt_lambda_decay_steps >= 1,
+             "--rlrt-lambda-decay-steps must be >= 1")
+        need(0 <= self.eps_clip < 1 and self.eps_clip_high >= 0, "--eps-clip must be in [0, 1) and --eps-clip-high >= 0")
+        need(not self.eps_clip_c or self.eps_clip_c > 1, f"--eps-clip-c {self.eps_clip_c} must be > 1 (or 0: off)")
+        need(self.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
+        need(self.rollout_temperature > 0, "--rollout-temperature must be > 0")
+        need(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
+        need(not (self.advantage_estimator in ("sdpo", "srpo", "opsd") and self.teacher_weights != "current"
+                  and self.pipeline_model_parallel_size > 1),
+             "--teacher-weights initial|ema with --pipeline-model-parallel-size > 1 is not supported yet")
+        need(self.distill_topk >= 1, "--distill-topk must be >= 1")
+        from megatron_rlrt.reward import list_rewards
+
+        need(self.reward in list_rewards(), f"--reward {self.reward!r}: unknown verifier; known: {list_rewards()}")
+        need(self.kl_coef == 0, "--kl-coef > 0 needs a reference model, which the trainer does not keep yet")
+        need(0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
+        try:
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+        except ImportError:  # pragma: no cover
+            on_gpu = False
+        if not on_gpu:
+            need(self.context_parallel_size == 1, "--context-parallel-size > 1 needs GPUs with Transformer Engine")
+            need(not self.sequence_parallel, "--sequence-parallel needs GPUs with Transformer Engine")
+        need(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        problems = [p for p in problems if p]
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """Invalid flags or recipe, found before any work starts."""
+
+
+_PER_METHOD = ("std_normalize", "teacher_context", "enable_thinking")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _field_type(f: dataclasses.Field):
+    hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name in hint:
+            return typ
+    raise TypeError(f"unsupported config field type {f.type} for {f.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse for every Config field; --help documents each one with its default."""
+    p = argparse.ArgumentParser(
+        prog="megatron-rlrt-train",
+        description="RL post-training (RLRT, GRPO, RLSD, SDPO, SRPO, OPSD) of Qwen3 on megatron-core. "
+                    "Run under torchrun for several ranks (examples/train_rlrt_qwen3.sh).",
+    )
+    for f in dataclasses.fields(Config):
+        typ, meta = _field_type(f), f.metadata
+        flag = "--" + _flag(f.name)
+        shown = "per method" if f.default is None and f.name in _PER_METHOD else f.default
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} [default: {shown}]")
+        if typ is bool:
+            if f.default is None:  # tri-state: --flag / --no-flag, absent = per-method default
+                group = p.add_mutually_exclusive_group()
+                group.add_argument(flag, action="store_true", **kwargs)
+                group.add_argument("--no-" + _flag(f.name), dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                   help=f"turn off {flag}")
+                continue
+            if f.default is True:
+                p.add_argument("--no-" + _flag(f.name), action="store_false", **{**kwargs, "help": f"disable: {meta['help']}"})
+                continue
+            p.add_argument(flag, action="store_true", **kwargs)
+            continue
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        p.add_argument(flag, type=typ, metavar=typ.__name__.upper(), **kwargs)
+    return p
+
+
+def load_recipe(path: str) -> dict:
+    """Read a YAML recipe; keys may be written with '-' or '_'. Unknown keys are an error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown option {key!r} (see --help)")
+        if value is not None:
+            typ = _field_type(known[name])
+            try:
+                value = _parse_bool(str(value)) if typ is bool and not isinstance(value, bool) else typ(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                raise ConfigError(f"--config {path}: option {key!r}: {exc}") from None
+            choices = known[name].metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--config {path}: option {key!r} = {value!r}, expected one of {list(choices)}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv=None) -> Config:
+    """Defaults < --config recipe < command-line flags."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if args.get("config"):
+        values.update(load_recipe(args["config"]))
+    values.update(args)
+    # grpo_eb: the entropy bonus is the method
+    if values.get("advantage_estimator") == "grpo_eb" and "entropy_coef" not in args:
+        values.setdefault("entropy_coef", 0.001)
+    return Config(**values)

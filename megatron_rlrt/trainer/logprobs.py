@@ -1,0 +1,119 @@
+"""Log-probs from the last pipeline stage, without full-sequence logits.
+
+The trainer hands megatron's ``GPTModel.forward`` an ``output_processor`` (a megatron-core
+hook that replaces the output layer): it keeps only the positions that predict response
+tokens, multiplies those hidden states with this rank's vocab shard of the LM head and returns
+per-position columns [log p(label), entropy?, top-K log-probs?] computed over the FULL
+vocabulary with tensor-parallel reductions. Prompt positions never reach the LM head.
+
+Log-probs and entropy of the sampled tokens come from ``megatron_rlrt.ops`` (one collective,
+C++/CUDA kernels): on a GPU through the fused-linear op, so [tokens, vocab] logits never
+exist; on a CPU (where the fused backward is slower than one GEMM) from this rank's logit
+shard. Distillation's top-K needs the logit shard anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LogprobRequest:
+    """What the output processor computes for one micro-batch.
+
+    positions: packed positions (index into the sequence) whose next token is scored.
+    targets: the token at each of those positions + 1 (global vocab ids).
+    topk_ids: optional [n, K] global ids at which to also return log-probs (distillation);
+        ``topk`` > 0 with ``topk_ids`` None means "return the top-K ids of this distribution".
+    """
+
+    positions: torch.Tensor
+    targets: torch.Tensor
+    temperature: float = 1.0
+    with_entropy: bool = False
+    topk: int = 0
+    topk_ids: torch.Tensor | None = None
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[n, V/TP] float32 logits of this rank's vocab shard for replicated hidden states [n, H]."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    # identity forward, all-reduce of the input gradient backward (what ColumnParallelLinear does)
+    hidden = copy_to_tensor_model_parallel_region(hidden)
+    return (hidden @ weight.t()).float() / temperature
+
+
+def _vocab_lse(logits: torch.Tensor, group, tp_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-sum-exp over the full vocabulary [n], exp(logits - max) [n, V/TP], its full-vocab sum [n])."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    gmax = logits.detach().max(dim=-1).values
+    if tp_size > 1:
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    exp = torch.exp(logits - gmax[:, None])
+    sumexp = exp.sum(-1)
+    if tp_size > 1:  # all-reduce forward, identity backward: each rank's share of the gradient
+        sumexp = reduce_from_tensor_model_parallel_region(sumexp)
+    return gmax + sumexp.log(), exp, sumexp
+
+
+def _gather_global_ids(logits: torch.Tensor, ids: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """logits at global vocab ids [n, k] (differentiable), summed over the rank owning each id."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    shard = logits.shape[-1]
+    local = ids - tp_rank * shard
+    inside = (local >= 0) & (local < shard)
+    values = logits.gather(1, local.clamp(0, shard - 1)) * inside
+    return reduce_from_tensor_model_parallel_region(values) if tp_size > 1 else values
+
+
+def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequest) -> torch.Tensor:
+    """[n, C] float32: column 0 log p(target); then entropy if asked; then K top-K log-probs
+    and, when the ids were not given, K ids (as floats, exact below 2^24) of the top-K."""
+    from megatron_rlrt import ops
+
+    group, tp_size, tp_rank = _tp()
+    tp_group = group if tp_size > 1 else None
+    if not req.topk and hidden.is_cuda:
+        logp, entropy = ops.fused_linear_logprobs(hidden, weight, req.targets, req.temperature, tp_group,
+                                                  with_entropy=req.with_entropy)
+        return torch.stack([logp, entropy] if req.with_entropy else [logp], dim=1)
+    raw = shard_logits(hidden, weight, 1.0)
+    logp, entropy = ops.vocab_parallel_logprobs(raw, req.targets, req.temperature, tp_group,
+                                                with_entropy=req.with_entropy)
+    cols = [logp] + ([entropy] if req.with_entropy else [])
+    if req.topk:
+        logits = raw / req.temperature
+        lse, _, _ = _vocab_lse(logits, group, tp_size)
+        ids = req.topk_ids if req.topk_ids is not None else _global_topk_ids(logits.detach(), req.topk, tp_size, tp_rank, group)
+        cols.extend((_gather_global_ids(logits, ids, tp_size, tp_rank) - lse[:, None]).clamp(max=0.0).unbind(1))
+        if req.topk_ids is None:
+            cols.extend(ids.float().unbind(1))
+    return torch.stack(cols, dim=1)
+
+
+def _global_topk_ids(logits: torch.Tensor, k: int, tp_size: int, tp_rank: int, group) -> torch.Tensor:
+    """Global vocab ids [n, k] of the k largest logits over all vocab shards."""
+    k_local = min(k, logits.shape[-1])
+    values, local_ids = logits.topk(k_local, dim=-1)
+    ids = local_ids + tp_rank * logits.shape[-1]
+    if tp_size == 1:
+        return ids
+    all_values = [torch.empty_like(values) for _ in range(tp_size)]
+    all_ids = [torch.empty_like(ids) for _ in range(tp_size)]
+    dist.all_gather(all_values, values.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    values, ids = torch.cat(all_values, -1), torch.cat(all_ids, -1)
+    best = values.topk(k, dim=-1).indices
+    return ids.gather(1, best)

@@ -1,0 +1,126 @@
+"""Metrics: one dict per RL step -> <run>/metrics.jsonl, TensorBoard, optional wandb, console.
+
+Only rank 0 writes. ``reduce_to_rank0`` merges the per-rank pieces (e.g. loss terms that
+exist only on the last pipeline stage) as weighted means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch.distributed as dist
+
+
+def reduce_to_rank0(pieces: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{name: (value_sum, weight)} from every rank -> {name: sum / weight} on rank 0 ({} elsewhere).
+
+    Max-type metrics are named ``*_max`` and reduced with max instead.
+    """
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(pieces, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    totals: dict[str, list[float]] = {}
+    for part in gathered:
+        for name, (value, weight) in part.items():
+            acc = totals.setdefault(name, [-math.inf, 0.0] if name.endswith("_max") else [0.0, 0.0])
+            if name.endswith("_max"):
+                acc[0] = max(acc[0], value)
+                acc[1] = 1.0
+            else:
+                acc[0] += value
+                acc[1] += weight
+    return {k: (v / w if w else float("nan")) for k, (v, w) in totals.items()}
+
+
+class MetricsWriter:
+    """Writes on rank 0; a no-op elsewhere. metrics.jsonl is appended and flushed per step, so
+    a crash loses at most the step in flight; on resume, rows past the resumed step are dropped."""
+
+    def __init__(self, run_dir: str | None, tensorboard: bool = True, wandb_project: str | None = None,
+                 config: dict | None = None, resume_step: int = 0):
+        self.enabled = run_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+        self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._truncate_after(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=config or {}, dir=run_dir, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only rows with step <= ``step`` (steps logged after the last checkpoint re-run)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def console_line(step: int, total: int, m: dict) -> str:
+    def g(k, fmt="{:.3f}"):
+        v = m.get(k)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    return (f"step {step}/{total} | reward {g('reward/mean')} | pass-groups {g('reward/pass_rate_groups', '{:.2f}')}"
+            f" | len {g('response/length_mean', '{:.1f}')} | lambda {g('rlrt/lambda', '{:.2f}')}"
+            f" | w {g('rlrt/weight_mean')} | pg {g('loss/pg', '{:.4f}')} | ent {g('actor/entropy')}"
+            f" | gnorm {g('actor/grad_norm')} | {g('perf/step_time_s', '{:.1f}')}s")
+
+
+@contextmanager
+def phase(name: str, enabled: bool) -> Iterator[None]:
+    """A one-line spinner/bar for a phase of the step on rank 0 (tqdm, cleared when done)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=name, leave=False, dynamic_ncols=True, bar_format="{desc}: {elapsed}")
+    try:
+        yield
+    finally:
+        bar.update(1)
+        bar.close()

@@ -57,11 +57,11 @@ class Config:
     min_lr: float = _f(0.0, "learning rate at the end of the decay")
     lr_warmup_iters: int = _f(10, "linear warm-up length in optimizer steps")
     lr_decay_style: str = _f("constant", "learning-rate schedule after warm-up", choices=("constant", "linear", "cosine"))
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    adam_beta1: float = _f(0.9, "Adam beta1")
-    adam_beta2: float = _f(0.999, "Adam beta2")
-    adam_eps: float = _f(1e-8, "Adam epsilon")
-    clip_grad: float = _f(1.0, "global gradient-norm clip")
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
+    adam_beta1: float = _f(0.9, "Adam beta1 (first-moment decay)")
+    adam_beta2: float = _f(0.999, "Adam beta2 (second-moment decay)")
+    adam_eps: float = _f(1e-8, "Adam epsilon (denominator floor)")
+    clip_grad: float = _f(1.0, "clip the global gradient norm to this value")
     train_iters: int = _f(100, "number of RL steps (each: one rollout batch, one or more optimizer steps)")
     seed: int = _f(1234, "random seed (data order, sampling, initialisation)")
     micro_batch_size: int = _f(1, "student rows per micro-batch (ignored with --use-dynamic-batch-size)")
@@ -72,13 +72,13 @@ class Config:
                                                 "batch, i.e. one on-policy update per RL step)")
 
     # ---- rollout ------------------------------------------------------------------------------
-    rollout_engine: str = _f("hf", "rollout engine", choices=("hf", "sglang", "vllm"))
+    rollout_engine: str = _f("hf", "rollout engine by name", choices=("hf", "sglang", "vllm"))
     rollout_batch_size: int = _f(8, "prompts per RL step")
     n_samples_per_prompt: int = _f(8, "rollouts per prompt (GRPO group size K)")
     rollout_max_response_len: int = _f(1024, "maximum response tokens")
     rollout_max_prompt_len: int = _f(2048, "prompts longer than this are skipped (counted)")
     rollout_temperature: float = _f(1.0, "sampling temperature (log-probs are computed at the same temperature)")
-    rollout_top_p: float = _f(1.0, "nucleus sampling")
+    rollout_top_p: float = _f(1.0, "nucleus (top-p) sampling threshold")
     rollout_top_k: int = _f(-1, "top-k sampling (-1: off)")
     rollout_batch_size_per_forward: int = _f(64, "sequences the hf engine generates at once")
     rollout_urls: Optional[str] = _f(None, "comma-separated server URLs for --rollout-engine sglang|vllm")
@@ -87,7 +87,7 @@ class Config:
     update_weight_buffer_size: int = _f(512 * 1024**2, "bytes per weight-sync bucket")
 
     # ---- algorithm ---------------------------------------------------------------------------
-    advantage_estimator: str = _f("rlrt", "training method", choices=METHOD_NAMES)
+    advantage_estimator: str = _f("rlrt", "training method (rlrt: reversed-teacher token weights on correct rollouts, eq. 6-7)", choices=METHOD_NAMES)
     std_normalize: Optional[bool] = _f(None, "divide group advantages by the group std (default per method: on "
                                              "for rlrt/rlrt_all/rlsd, off otherwise, as Table 5)")
     dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal (DAPO); they carry no signal")
@@ -107,15 +107,15 @@ class Config:
                                          "student's packed forward), the initial policy, or an EMA",
                               choices=("current", "initial", "ema"))
     teacher_ema_rate: float = _f(0.05, "EMA rate with --teacher-weights ema")
-    eps_clip: float = _f(0.2, "PPO clip (low side)")
+    eps_clip: float = _f(0.2, "PPO ratio clip below 1 (eps_low)")
     eps_clip_high: float = _f(0.28, "PPO clip (high side, DAPO clip-higher)")
     eps_clip_c: Optional[float] = _f(3.0, "dual-clip constant for negative advantages (verl's default 3.0; 0 disables)")
-    loss_agg_mode: str = _f("token-mean", "loss aggregation",
+    loss_agg_mode: str = _f("token-mean", "how per-token losses are averaged",
                             choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
     tis_clip: float = _f(2.0, "truncated importance-sampling cap between rollout and trainer log-probs (0: off)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (grpo_eb defaults to 0.001)")
     kl_coef: float = _f(0.0, "reference-KL coefficient (0: no reference model)")
-    kl_type: str = _f("k3", "reference-KL estimator", choices=("k1", "k3"))
+    kl_type: str = _f("k3", "estimator of the reference KL term", choices=("k1", "k3"))
     distill_topk: int = _f(100, "top-K of the distillation loss (sdpo/srpo/opsd)")
     distill_alpha: float = _f(0.5, "generalized JSD alpha (0: forward KL, 1: reverse KL)")
     distill_coef: float = _f(1.0, "weight of the distillation loss")

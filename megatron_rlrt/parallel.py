@@ -81,13 +81,16 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
     return platform
 
 
-def destroy() -> None:
+def destroy(barrier: bool = True) -> None:
+    """Tear down megatron's groups and the process group (``barrier=False`` after an error,
+    when other ranks may never arrive)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -76,3 +76,125 @@ def methods_rank(base_argv: list[str], methods: list[str], out_path: str) -> Non
         with open(out_path, "w") as f:
             json.dump(results, f, default=float)
     parallel.destroy()
+
+
+def weight_sync_rank(argv: list[str], out_path: str) -> None:
+    """After a training step, the engine (synced by the trainer) and Megatron give the same logits."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.models.forward import forward_logits
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    try:
+        before = None
+        if dist.get_rank() == 0:
+            before = {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}
+        trainer.step(0)  # updates the policy and syncs it into the engine
+        for c in trainer.chunks:
+            c.eval()
+        tokens = torch.randint(0, 151_000, (2, 11), generator=torch.Generator().manual_seed(5))
+        logits = forward_logits(trainer.chunks, tokens)
+        result = {}
+        if logits is not None and trainer.ps.get_tensor_model_parallel_rank() == 0:
+            holder = [logits]
+        else:
+            holder = [None]
+        # move the last stage's logits to rank 0, where the engine lives
+        src = dist.get_world_size() - 1 if trainer.ps.get_pipeline_model_parallel_world_size() > 1 else 0
+        dist.broadcast_object_list(holder, src=src)
+        if dist.get_rank() == 0:
+            with torch.no_grad():
+                ref = trainer.engine.model(tokens).logits.float()
+            changed = max((p - before[n]).abs().max().item() for n, p in trainer.engine.model.named_parameters())
+            result = {"max_abs_diff": (holder[0] - ref).abs().max().item(), "engine_changed": changed,
+                      "version": trainer.engine.weight_version}
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    finally:
+        trainer.close()
+    parallel.destroy()
+
+
+def teacher_logprobs_rank(argv: list[str], out_path: str) -> None:
+    """Teacher log-probs from the packed student+teacher forward vs a teacher-only forward."""
+    from dataclasses import replace
+
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.model_step import collect
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    try:
+        batch = trainer._on_rank0(trainer._make_batch, "test batch")
+        samples = batch.samples
+        packed = collect(trainer.chunks, samples, trainer.opts, 4, None)
+        # the same teacher sequences, run as ordinary rows of their own (no student rows beside them)
+        alone = collect(trainer.chunks, [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
+                                         for s in samples if s.has_teacher], trainer.opts, 1, None)
+        if trainer.is_last_stage and trainer.ps.get_tensor_model_parallel_rank() == 0:
+            keys = sorted(packed.teacher_logprobs)
+            diff = max((packed.teacher_logprobs[k] - alone.student_logprobs[k]).abs().max().item() for k in keys)
+            result = {"teachers": len(keys), "max_abs_diff": diff,
+                      "with_teacher": sum(s.has_teacher for s in samples),
+                      "student_teacher_differ": max((packed.teacher_logprobs[k] - packed.student_logprobs[k])
+                                                    .abs().max().item() for k in keys)}
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    finally:
+        trainer.close()
+    parallel.destroy()
+
+
+class FlakyEngine:
+    """Test engine: the embedded HF engine that raises on its ``fail_on``-th generate call."""
+
+    def __init__(self, inner, fail_on: int):
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, n, params):
+        from megatron_rlrt.rollout.base import RolloutError
+
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RolloutError("engine died (test)")
+        return self.inner.generate(prompts, n, params)
+
+
+def register_flaky_engine(fail_on: int) -> None:
+    from megatron_rlrt.rollout import registry
+
+    def factory(cfg, hf_dir, tokenizer):
+        return FlakyEngine(registry.ENGINES["hf"](cfg, hf_dir, tokenizer), fail_on)
+
+    registry.register_engine("flaky", factory)
+
+
+def failing_train_rank(argv: list[str], fail_on: int, out_path: str) -> None:
+    """Train with an engine that dies on its ``fail_on``-th rollout; record what each rank saw."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    register_flaky_engine(fail_on)
+    cfg = parse_config(argv)
+    cfg.rollout_engine = "flaky"
+    error = None
+    try:
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except Exception as exc:  # every rank must see the failure, none may hang
+        error = f"{type(exc).__name__}: {exc}"
+    with open(f"{out_path}.{dist.get_rank()}", "w") as f:
+        json.dump({"error": error}, f)
+    parallel.destroy(barrier=False)

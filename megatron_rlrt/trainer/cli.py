@@ -26,12 +26,25 @@ def main(argv=None) -> int:
                           MASTER_PORT=str(parallel.free_port()))
     from megatron_rlrt.trainer.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    from megatron_rlrt.data import DatasetError
+    from megatron_rlrt.models.qwen3 import CheckpointError
+    from megatron_rlrt.rollout.base import RolloutError
+
+    ok = False
     try:
-        trainer.train()
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        ok = True
+    except (ConfigError, DatasetError, CheckpointError, RolloutError) as exc:
+        # a clear one-line error; checkpoints and metrics written so far are complete and kept
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     finally:
-        trainer.close()
-        parallel.destroy()
+        parallel.destroy(barrier=ok)
     return 0
 
 

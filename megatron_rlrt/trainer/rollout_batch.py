@@ -1,7 +1,7 @@
 """One RL step's data: rollouts, rewards, advantages and teacher prompts, per sample.
 
 Built on rank 0 (where the rollout engine and verifiers live), broadcast to every rank as
-plain Python lists, then split: samples -> optimizer mini-batches (whole groups, in order) ->
+plain Python lists (``Trainer._on_rank0``), then split: samples -> optimizer mini-batches (whole groups, in order) ->
 this data-parallel rank's share of each mini-batch.
 """
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass
@@ -43,13 +42,6 @@ class RolloutBatch:
         """Consecutive whole-group mini-batches (the batch is group-ordered)."""
         return [self.samples[i : i + samples_per_minibatch]
                 for i in range(0, len(self.samples), samples_per_minibatch)]
-
-
-def broadcast_batch(batch: RolloutBatch | None, src: int = 0) -> RolloutBatch:
-    """Every rank gets rank ``src``'s batch (pickled lists; tiny next to the forward passes)."""
-    holder = [batch]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
 
 
 def dp_shard(samples: list[Sample], dp_rank: int, dp_size: int) -> list[Sample]:

@@ -55,7 +55,7 @@ from megatron_rlrt.rollout.weight_sync import sync_weights
 from megatron_rlrt.trainer import checkpoint as ckpt
 from megatron_rlrt.trainer.metrics import MetricsWriter, console_line, phase, reduce_to_rank0
 from megatron_rlrt.trainer.model_step import StepOptions, collect, student_values, train_minibatch
-from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample, broadcast_batch, dp_shard, padded
+from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample, dp_shard, padded
 
 logger = logging.getLogger("megatron_rlrt")
 
@@ -86,8 +86,7 @@ class Trainer:
                                 pad_to_multiple_of=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         self.start_step, rng = self._restore()
         self.teacher_params = self._init_teacher_params()
-        if self.rank0:
-            self._build_rank0_services(rng)
+        self._on_rank0(lambda: self._build_rank0_services(rng), "loading data, verifier and rollout engine")
         self.metrics = MetricsWriter(cfg.save, cfg.tensorboard, cfg.wandb_project, cfg.to_dict(), self.start_step)
         self._sync_engine(version=self.start_step)
 
@@ -178,10 +177,29 @@ class Trainer:
                                          max_teacher_prompt_len=cfg.teacher_max_prompt_len, weights=cfg.teacher_weights,
                                          ema_rate=cfg.teacher_ema_rate)
         self.peer_generator = torch.Generator().manual_seed(cfg.seed + 17)
+        if rng and "peer_generator" in rng:
+            self.peer_generator.set_state(rng["peer_generator"])
         self.enable_thinking = cfg.enable_thinking
         self.eos_ids = list(getattr(self.engine, "eos_token_ids", [self.tokenizer.eos_token_id]))
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _on_rank0(self, fn, what: str):
+        """Run ``fn`` on rank 0 and broadcast its result; if it raises, every rank raises
+        (instead of the other ranks waiting forever in their next collective)."""
+        result, error = None, None
+        if self.rank0:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised below, on every rank
+                error = exc
+        holder = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(holder, src=0)
+        if error is not None:
+            raise error
+        if holder[0][1] is not None:
+            raise RuntimeError(f"rank 0 failed while {what}: {holder[0][1]}")
+        return holder[0][0]
 
     def _log(self, msg: str) -> None:
         if self.rank0:
@@ -211,8 +229,11 @@ class Trainer:
             rollouts = self.engine.generate([p.prompt_ids for p in prompts], k, self._sampling())
         t_rollout = time.perf_counter() - t0
         flat = [(g, s) for g, group in enumerate(rollouts) for s in group]
-        if len(flat) != len(prompts) * k:
-            raise RolloutError(f"engine returned {len(flat)} samples for {len(prompts)} prompts x {k}")
+        if len(rollouts) != len(prompts) or any(len(group) != k for group in rollouts):
+            raise RolloutError(f"engine returned {[len(g) for g in rollouts]} samples for {len(prompts)} prompts x {k}")
+        for g, s in flat:
+            if not all(math.isfinite(x) for x in s.logprobs):
+                raise RolloutError(f"engine returned non-finite log-probs for prompt {prompts[g].source}")
         texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for _, s in flat]
         t1 = time.perf_counter()
         scored = self.reward.score(texts, [prompts[g] for g, _ in flat])
@@ -232,9 +253,10 @@ class Trainer:
             teacher_ids, tstats = views.prompt_ids, views.stats
         samples = [Sample(i, g, list(prompts[g].prompt_ids), s.response_ids, s.logprobs, float(rewards[i]),
                           bool(correct[i]), float(adv[i]), teacher_ids[i]) for i, (g, s) in enumerate(flat)]
-        if any(len(s.response_ids) == 0 for s in samples):
-            # an empty response has nothing to train on; it keeps its reward in the statistics
-            samples = [s for s in samples if s.response_ids]
+        empty = sum(not s.response_ids for s in samples)
+        # an empty response (EOS first) has nothing to train on; it keeps its reward in the
+        # group statistics and is counted in response/empty
+        samples = [s for s in samples if s.response_ids]
         if cfg.dynamic_sampling:
             samples = [s for s in samples if not bool(stats.zero_signal_mask[s.index])]
         lengths = [len(s.response_ids) for _, s in flat]
@@ -243,6 +265,7 @@ class Trainer:
              "reward/pass_rate_groups": groups_with_correct,
              "reward/zero_signal_groups": float(stats.num_zero_signal_groups),
              "response/length_mean": sum(lengths) / len(lengths), "response/length_max": float(max(lengths)),
+             "response/empty": float(empty),
              "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
              "perf/rollout_time_s": t_rollout, "perf/reward_time_s": t_score,
              "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
@@ -263,7 +286,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         lam = self.lam_schedule.value(step)
-        batch = broadcast_batch(self._make_batch() if self.rank0 else None)
+        batch = self._on_rank0(self._make_batch, f"making the rollout batch of step {step + 1}")
         dp_rank = self.ps.get_data_parallel_rank()
         dp_size = self.ps.get_data_parallel_world_size()
         per_mb = len(batch.samples) if cfg.dynamic_sampling else (cfg.global_batch_size or len(batch.samples))

@@ -1,0 +1,100 @@
+"""Configuration: flags, recipes, validation before any work, and clean CLI errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rlrt.config import Config, ConfigError, build_parser, load_recipe, parse_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(REPO, "examples", "recipes")
+
+
+def test_every_option_has_a_flag_with_help():
+    help_text = build_parser().format_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_text or f"--no-{f.name.replace('_', '-')}" in help_text, flag
+        assert len(f.metadata["help"]) > 15, f"{flag} needs a real description"
+
+
+def test_megatron_and_slime_flag_names():
+    cfg = parse_config(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                        "--micro-batch-size", "3", "--lr", "1e-5", "--advantage-estimator", "rlsd",
+                        "--rlrt-lambda", "0.3", "--rlrt-clip-eps", "0.2", "--rlrt-lambda-decay-steps", "50",
+                        "--teacher-context", "answer", "--n-samples-per-prompt", "4", "--rollout-batch-size", "8",
+                        "--global-batch-size", "16", "--eps-clip", "0.2", "--eps-clip-high", "0.28", "--tis-clip", "2"])
+    assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.micro_batch_size) == (2, 2, 3)
+    assert cfg.optimizer_steps_per_rl_step == 2
+    assert cfg.resolved_std_normalize() is True  # RLSD keeps std normalisation (Table 5)
+    assert parse_config(["--advantage-estimator", "grpo"]).resolved_std_normalize() is False
+
+
+@pytest.mark.parametrize("name,eps_w,decay,thinking", [
+    ("qwen3_4b_base", 1.0, None, False), ("qwen3_8b_base", 1.0, None, False),
+    ("qwen3_4b_instruct", 0.5, 30, False), ("qwen3_8b_thinking", 0.2, 30, True)])
+def test_table5_recipes(name, eps_w, decay, thinking):
+    cfg = parse_config(["--config", os.path.join(RECIPES, f"{name}.yaml"), "--lr", "2e-6"])
+    assert cfg.advantage_estimator == "rlrt" and cfg.rlrt_lambda == 0.5
+    assert (cfg.rlrt_clip_eps, cfg.rlrt_lambda_decay_steps, cfg.enable_thinking) == (eps_w, decay, thinking)
+    assert (cfg.rollout_batch_size, cfg.n_samples_per_prompt, cfg.global_batch_size) == (256, 8, 1024)
+    assert (cfg.eps_clip, cfg.eps_clip_high, cfg.tis_clip, cfg.kl_coef) == (0.2, 0.28, 2.0, 0.0)
+    assert (cfg.rollout_max_prompt_len, cfg.rollout_max_response_len, cfg.weight_decay) == (2048, 20480, 0.01)
+    assert cfg.lr == 2e-6  # the command line overrides the recipe
+
+
+def test_recipe_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rlrt-lamda: 0.5\n")
+    with pytest.raises(ConfigError, match="unknown option 'rlrt-lamda'"):
+        load_recipe(str(bad))
+    bad.write_text("advantage-estimator: ppo\n")
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_recipe(str(bad))
+    bad.write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_invalid_combinations_name_their_flags(tiny_model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = parse_config(["--hf-checkpoint", tiny_model, "--prompt-data", str(data), "--rollout-batch-size", "3",
+                        "--n-samples-per-prompt", "4", "--global-batch-size", "8", "--rlrt-lambda", "1.5",
+                        "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(world_size=3)
+    text = str(err.value)
+    assert "--global-batch-size 8 must divide --rollout-batch-size x --n-samples-per-prompt = 12" in text
+    assert "--rlrt-lambda 1.5 must be in [0, 1]" in text
+    assert "world size 3 is not divisible by --tensor-model-parallel-size" in text
+    with pytest.raises(ConfigError, match="--prompt-data is required"):
+        parse_config(["--hf-checkpoint", tiny_model]).validate()
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "megatron_rlrt.trainer.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_cli_rejects_bad_flags_before_starting():
+    r = _cli("--prompt-data", "/nonexistent.jsonl", "--hf-checkpoint", "/nonexistent")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--prompt-data /nonexistent.jsonl: no such file" in r.stderr
+
+
+def test_cli_reports_a_bad_dataset_row(tiny_model, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    run = tmp_path / "run"
+    r = _cli("--hf-checkpoint", tiny_model, "--prompt-data", str(data), "--save", str(run), "--train-iters", "1",
+             "--rollout-batch-size", "1", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "4",
+             "--no-progress")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"{data}" in r.stderr and "2" in r.stderr  # the file and its row
+    assert not (run / "checkpoints").exists()

@@ -1,0 +1,84 @@
+"""Trainer properties checked against independent computations (2 ranks, gloo)."""
+
+import json
+
+import pytest
+
+from megatron_rlrt import parallel
+from tests.test_trainer_e2e import _base, arithmetic_data  # noqa: F401  (fixture)
+from tests.trainer_helpers import teacher_logprobs_rank, weight_sync_rank
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_engine_logits_equal_trainer_logits_after_sync(tiny_models, arithmetic_data, tmp_path, layout):
+    out = tmp_path / "sync.json"
+    argv = _base(tiny_models["untied"], arithmetic_data) + layout + ["--advantage-estimator", "grpo", "--train-iters", "1"]
+    parallel.spawn(weight_sync_rank, 2, argv, str(out))
+    r = json.loads(out.read_text())
+    assert r["engine_changed"] > 1e-4, "the update did not reach the engine"
+    assert r["max_abs_diff"] < 1e-4, r
+    assert r["version"] == 1
+
+
+def test_teacher_logprobs_from_packed_forward_equal_a_teacher_only_forward(tiny_model, arithmetic_data, tmp_path):
+    out = tmp_path / "teacher.json"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt_all"]
+    parallel.spawn(teacher_logprobs_rank, 2, argv, str(out))
+    r = json.loads(out.read_text())
+    assert r["teachers"] == r["with_teacher"] > 0
+    assert r["max_abs_diff"] < 1e-5, r
+    assert r["student_teacher_differ"] > 1e-3, "teacher context had no effect: the test would prove nothing"
+
+
+def _metrics(run):
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_model, arithmetic_data, tmp_path):
+    from tests.trainer_helpers import train_rank
+
+    base = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
+                                                 "--save-interval", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    parallel.spawn(train_rank, 2, base + ["--train-iters", "4", "--save", str(straight)])
+    parallel.spawn(train_rank, 2, base + ["--train-iters", "2", "--save", str(resumed)])
+    # a save killed half-way leaves a hidden temp dir; resume must ignore it and a later save remove it
+    junk = resumed / "checkpoints" / ".iter_0000003.incomplete"
+    junk.mkdir()
+    (junk / "partial.distcp").write_text("torn write")
+    parallel.spawn(train_rank, 2, base + ["--train-iters", "4", "--save", str(resumed)])
+    a, b = _metrics(straight), _metrics(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    compared = 0
+    for step in (3, 4):
+        for key, value in a[step].items():
+            if key.startswith("perf/") or "time" in key or not isinstance(value, float):
+                continue
+            assert b[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+            compared += 1
+    assert compared > 20
+    assert a[3]["actor/grad_norm"] > 0
+    assert not junk.exists()
+    assert (resumed / "checkpoints" / "latest").read_text() == "iter_0000004"
+
+
+def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_model, arithmetic_data, tmp_path):
+    from tests.trainer_helpers import failing_train_rank
+
+    run = tmp_path / "run"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "grpo",
+                                                 "--train-iters", "3", "--save-interval", "1", "--save", str(run)]
+    out = tmp_path / "failure"
+    # the engine's 1st generate call is step 1, the 2nd is step 2: it dies there
+    parallel.spawn(failing_train_rank, 2, argv, 2, str(out))
+    errors = [json.loads((tmp_path / f"failure.{r}").read_text())["error"] for r in range(2)]
+    assert "engine died (test)" in errors[0]
+    assert errors[1] and "rank 0 failed while making the rollout batch of step 2" in errors[1]
+    assert (run / "checkpoints" / "latest").read_text() == "iter_0000001"
+    assert sorted(_metrics(run)) == [1]
+    # the surviving checkpoint is complete: a new run resumes from it and finishes
+    from tests.trainer_helpers import train_rank
+
+    parallel.spawn(train_rank, 2, argv)
+    assert sorted(_metrics(run)) == [1, 2, 3]

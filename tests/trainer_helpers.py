@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import zlib
 
 import torch
 import torch.distributed as dist
 
-from megatron_rlrt.reward.base import RewardBatch, RewardResult, Verifier
-
-
-class HashParityVerifier(Verifier):
-    """Test-only: 'correct' iff a hash of the response is even. A random tiny model then has
-    mixed groups, so every code path that needs correct AND wrong rollouts runs."""
-
-    name = "hash_parity"
-
-    def __init__(self, **_):
-        pass
-
-    def score(self, responses, samples) -> RewardBatch:
-        start = time.perf_counter()
-        results = [RewardResult(1.0, True, "correct") if zlib.crc32(r.encode()) % 2 == 0 else
-                   RewardResult(0.0, False, "wrong") for r in responses]
-        return RewardBatch.from_results(results, start)
+from megatron_rlrt.reward.testing import HashParityVerifier
 
 
 def register_test_rewards() -> None:

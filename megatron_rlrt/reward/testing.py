@@ -28,3 +28,31 @@ def crash_on_marker(pred: str, gold: str, inner_timeout_s: int) -> ItemScore:
 
         os._exit(9)
     return score_math(pred, gold, inner_timeout_s)
+
+
+class HashParityVerifier:
+    """Synthetic verifier for tests and benchmarks: 'correct' iff crc32(response) is even.
+
+    A random tiny model then has mixed groups (about half of each group correct), so every
+    path that needs correct AND wrong rollouts (teacher views, token weights) does real work.
+    It measures compute, never learning. Register it with
+    ``register_reward("hash_parity", HashParityVerifier)``.
+    """
+
+    name = "hash_parity"
+
+    def __init__(self, **_):
+        pass
+
+    def score(self, responses, samples):
+        import zlib
+
+        from megatron_rlrt.reward.base import RewardBatch, RewardResult
+
+        start = time.perf_counter()
+        results = [RewardResult(1.0, True, "correct") if zlib.crc32(r.encode()) % 2 == 0 else
+                   RewardResult(0.0, False, "wrong") for r in responses]
+        return RewardBatch.from_results(results, start)
+
+    def close(self) -> None:
+        pass

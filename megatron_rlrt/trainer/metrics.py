@@ -18,7 +18,7 @@ import torch.distributed as dist
 def reduce_to_rank0(pieces: dict[str, tuple[float, float]]) -> dict[str, float]:
     """{name: (value_sum, weight)} from every rank -> {name: sum / weight} on rank 0 ({} elsewhere).
 
-    Max-type metrics are named ``*_max`` and reduced with max instead.
+    Metrics named ``*_max`` are reduced with max, ``*_total`` with a plain sum.
     """
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(pieces, gathered, dst=0)
@@ -30,6 +30,9 @@ def reduce_to_rank0(pieces: dict[str, tuple[float, float]]) -> dict[str, float]:
             acc = totals.setdefault(name, [-math.inf, 0.0] if name.endswith("_max") else [0.0, 0.0])
             if name.endswith("_max"):
                 acc[0] = max(acc[0], value)
+                acc[1] = 1.0
+            elif name.endswith("_total"):
+                acc[0] += value
                 acc[1] = 1.0
             else:
                 acc[0] += value

@@ -303,12 +303,20 @@ class Trainer:
         if need_collect:
             with phase("log-probs", cfg.progress and self.rank0):
                 collected = self._collect(local)
+        t_collect = time.perf_counter()
         per_sample = self._per_sample_inputs(local, collected, lam, pieces) if self.is_last_stage else {}
         grad_norms = []
         with phase("update", cfg.progress and self.rank0):
             for mb in minibatches:
                 grad_norms.append(self._update(mb, per_sample, pieces))
         t_sync = time.perf_counter()
+        pieces["perf/logprob_time_s_max"] = (t_collect - t_train, 1.0)
+        pieces["perf/update_time_s_max"] = (t_sync - t_collect, 1.0)
+        if self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_pipeline_model_parallel_rank() == 0:
+            # one contribution per data-parallel replica, summed over replicas
+            pieces["perf/student_tokens_total"] = (float(sum(len(s.prompt_ids) + len(s.response_ids) for s in local)), 1.0)
+            pieces["perf/teacher_tokens_total"] = (float(sum(len(s.teacher_prompt_ids) + len(s.response_ids)
+                                                             for s in local if s.has_teacher)), 1.0)
         sync_s = self._sync_engine(version=step + 1)
         if self.teacher_params is not None and cfg.teacher_weights == "ema":
             with torch.no_grad():

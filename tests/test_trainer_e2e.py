@@ -50,3 +50,13 @@ def test_every_method_trains(tiny_model, arithmetic_data, tmp_path, layout):
             assert "loss/distill" in last, method
         if method == "grpo":
             assert "rlrt/teacher_built" not in last
+
+
+@pytest.mark.parametrize("weights", ["initial", "ema"])
+def test_rlrt_with_a_separate_teacher(tiny_model, arithmetic_data, tmp_path, weights):
+    out = tmp_path / "teacher.json"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--teacher-weights", weights]
+    parallel.spawn(methods_rank, 2, argv, ["rlrt"], str(out))
+    steps = json.loads(out.read_text())["rlrt"]["metrics"]
+    assert all(m["actor/grad_norm"] > 0 for m in steps)
+    assert steps[-1]["rlrt/teacher_built"] > 0 and "rlrt/weight_mean" in steps[-1]

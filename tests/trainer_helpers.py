@@ -180,3 +180,22 @@ def failing_train_rank(argv: list[str], fail_on: int, out_path: str) -> None:
     with open(f"{out_path}.{dist.get_rank()}", "w") as f:
         json.dump({"error": error}, f)
     parallel.destroy(barrier=False)
+
+
+def server_engine_rank(argv: list[str], out_path: str) -> None:
+    """A few RL steps against an already running rollout server (--rollout-urls in argv)."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    try:
+        steps = [trainer.step(s) for s in range(trainer.cfg.train_iters)]
+        version = trainer.engine.weight_version if dist.get_rank() == 0 else None
+    finally:
+        trainer.close()
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump({"steps": steps, "version": version}, f)
+    parallel.destroy()

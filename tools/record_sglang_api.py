@@ -171,9 +171,11 @@ def record(sglang_wheel: str, router_wheel: str | None) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sglang-wheel", required=True)
-    p.add_argument("--router-wheel", default=None)
-    p.add_argument("--output", required=True)
+    p.add_argument("--sglang-wheel", required=True,
+                   help="SGLang wheel to read the source from (pip download --no-deps sglang==VERSION)")
+    p.add_argument("--router-wheel", default=None,
+                   help="sglang-router wheel whose launch_router flags are recorded too (optional)")
+    p.add_argument("--output", required=True, help="JSON file to write (e.g. tests/data/sglang_0.5.23_api.json)")
     args = p.parse_args(argv)
     data = record(args.sglang_wheel, args.router_wheel)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -209,11 +209,11 @@ class Trainer:
     def is_last_stage(self) -> bool:
         return self.ps.is_pipeline_last_stage(ignore_virtual=True)
 
-    def _sampling(self, temperature: float | None = None) -> SamplingParams:
+    def _sampling(self, temperature: float | None = None, seed: int | None = None) -> SamplingParams:
         cfg = self.cfg
         return SamplingParams(max_new_tokens=cfg.rollout_max_response_len,
                               temperature=temperature or cfg.rollout_temperature, top_p=cfg.rollout_top_p,
-                              top_k=cfg.rollout_top_k, stop_token_ids=tuple(self.eos_ids))
+                              top_k=cfg.rollout_top_k, stop_token_ids=tuple(self.eos_ids), seed=seed)
 
     def _sync_engine(self, version: int) -> float:
         return sync_weights(self.engine if self.rank0 else None, self.chunks, self.spec, version,
@@ -221,12 +221,14 @@ class Trainer:
 
     # -- rank 0: rollout, reward, advantages, teacher views ----------------------------------
 
-    def _make_batch(self) -> RolloutBatch:
+    def _make_batch(self, step: int = 0) -> RolloutBatch:
         cfg, k = self.cfg, self.cfg.n_samples_per_prompt
         prompts = self.loader.next_batch(cfg.rollout_batch_size)
         t0 = time.perf_counter()
         with phase("rollout", cfg.progress):
-            rollouts = self.engine.generate([p.prompt_ids for p in prompts], k, self._sampling())
+            # a fresh, reproducible seed per step (server engines derive per-request seeds from it)
+            rollouts = self.engine.generate([p.prompt_ids for p in prompts], k,
+                                            self._sampling(seed=cfg.seed * 7919 + step))
         t_rollout = time.perf_counter() - t0
         flat = [(g, s) for g, group in enumerate(rollouts) for s in group]
         if len(rollouts) != len(prompts) or any(len(group) != k for group in rollouts):
@@ -286,7 +288,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         lam = self.lam_schedule.value(step)
-        batch = self._on_rank0(self._make_batch, f"making the rollout batch of step {step + 1}")
+        batch = self._on_rank0(lambda: self._make_batch(step), f"making the rollout batch of step {step + 1}")
         dp_rank = self.ps.get_data_parallel_rank()
         dp_size = self.ps.get_data_parallel_world_size()
         per_mb = len(batch.samples) if cfg.dynamic_sampling else (cfg.global_batch_size or len(batch.samples))
@@ -507,7 +509,7 @@ class Trainer:
             return {}
         cfg = self.cfg
         outs = self.engine.generate([p.prompt_ids for p in self.eval_set], cfg.eval_n_samples,
-                                    self._sampling(cfg.eval_temperature))
+                                    self._sampling(cfg.eval_temperature, seed=cfg.seed + 1))
         flat = [(p, s) for p, group in zip(self.eval_set, outs) for s in group]
         scored = self.reward.score([self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for _, s in flat],
                                    [p for p, _ in flat])

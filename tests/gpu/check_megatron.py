@@ -67,14 +67,8 @@ def check_parity(tmp: str, use_te: bool):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    configs = {
-        "tied": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
-        "untied": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),
-        "gqa": dict(hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
-    }
+    from tests.conftest import TINY_CONFIGS as configs  # the same three architectures as the CPU tests
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(parallel.free_port()))
     parallel.initialize(parallel.ParallelLayout(1, 1))

@@ -39,6 +39,10 @@ from megatron_rlrt.models.megatron_checkpoint import (
 )
 
 OPTIM_DIR = "optim"
+# The distributed optimizer's default 'fully_sharded_model_space' format uses flattened
+# ShardedTensors, which dist_checkpointing 0.19 refuses; 'dp_reshardable' stores each DP rank's
+# buffer shards (resume needs the same TP/PP; the model part reshards freely).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 
@@ -104,7 +108,8 @@ def save_checkpoint(save: str, step: int, chunks, optimizer, scheduler, spec, hf
         write_model_dir(chunks, os.path.join(tmp, MODEL_DIR))
         os.makedirs(os.path.join(tmp, OPTIM_DIR), exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd), os.path.join(tmp, OPTIM_DIR))
+        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA),
+                                os.path.join(tmp, OPTIM_DIR))
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(rng_extra), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
         if rank == 0:
@@ -134,16 +139,36 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the per-parameter state a checkpoint load expects.
+
+    With torch's Adam (no apex/TE, i.e. on a CPU) megatron's DistributedOptimizer.state_dict()
+    reads a 'step' from every parameter's state, and its init_state_fn creates the moments but
+    no step; the loaded checkpoint then overwrites all of it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None:
+            continue
+        init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
+
 def load_checkpoint(path: str, chunks, optimizer, scheduler) -> tuple[dict, dict | None]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns (trainer_state, rng)."""
     from megatron.core import dist_checkpointing
 
     read_metadata(path)
+    _materialize_optimizer_state(optimizer)
     read_model_dir(chunks, os.path.join(path, MODEL_DIR))
     model_sd = sharded_model_state(chunks)
-    optim_state = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True),
+    optim_state = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                       metadata=OPTIM_METADATA),
                                           os.path.join(path, OPTIM_DIR))
-    optimizer.load_state_dict(optim_state)
+    with torch.no_grad():  # fp32 training: the optimizer's main params are views of the model's
+        optimizer.load_state_dict(optim_state)
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
     scheduler.load_state_dict(state["scheduler"])

@@ -32,3 +32,16 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models) -> str:
     return tiny_models["tied"]
+
+
+@pytest.fixture(scope="session")
+def arithmetic_data(tmp_path_factory):
+    from megatron_rlrt.data.generators import reasoning_gym_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("data")
+    rows = list(reasoning_gym_rows("chain_sum", size=16, seed=3,
+                                   config={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}))
+    for r in rows:  # a reference solution for opsd / --teacher-context reference
+        r["solution"] = f"The sum is {r['answer']}. <answer>{r['answer']}</answer>"
+    write_jsonl(rows, str(root / "train.jsonl"))
+    return str(root / "train.jsonl")

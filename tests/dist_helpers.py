@@ -7,7 +7,6 @@ Results travel back as JSON files written by the rank that has them.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.distributed as dist

@@ -10,19 +10,6 @@ from tests.trainer_helpers import methods_rank
 METHODS = ["grpo", "grpo_eb", "rlrt", "rlrt_all", "rlsd", "sdpo", "srpo", "opsd"]
 
 
-@pytest.fixture(scope="module")
-def arithmetic_data(tmp_path_factory):
-    from megatron_rlrt.data.generators import reasoning_gym_rows, write_jsonl
-
-    root = tmp_path_factory.mktemp("data")
-    rows = list(reasoning_gym_rows("chain_sum", size=16, seed=3,
-                                   config={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}))
-    for r in rows:  # a reference solution for opsd / --teacher-context reference
-        r["solution"] = f"The sum is {r['answer']}. <answer>{r['answer']}</answer>"
-    write_jsonl(rows, str(root / "train.jsonl"))
-    return str(root / "train.jsonl")
-
-
 def _base(model, data):
     return ["--hf-checkpoint", model, "--prompt-data", data, "--reward", "hash_parity", "--rollout-batch-size", "2",
             "--n-samples-per-prompt", "4", "--rollout-max-response-len", "6", "--train-iters", "2", "--lr", "1e-3",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_rlrt import parallel
-from tests.test_trainer_e2e import _base, arithmetic_data  # noqa: F401  (fixture)
+from tests.test_trainer_e2e import _base
 from tests.trainer_helpers import teacher_logprobs_rank, weight_sync_rank
 
 

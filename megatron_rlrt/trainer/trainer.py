@@ -40,9 +40,6 @@ from megatron_rlrt.algorithms import (
     loss_token_mask,
     make_lambda_schedule,
     policy_token_loss,
-    rlrt_weight,
-    rlsd_weight,
-    token_advantages,
     total_loss,
 )
 from megatron_rlrt.config import Config
@@ -50,6 +47,7 @@ from megatron_rlrt.eval.metrics import summarize
 from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model, load_model_checkpoint, spec_of_checkpoint
 from megatron_rlrt.models.hf_checkpoint import load_hf_weights
 from megatron_rlrt.models.qwen3 import Qwen3Spec, build_model, transformer_config
+from megatron_rlrt.ops import rlrt_epilogue
 from megatron_rlrt.rollout.base import RolloutError, SamplingParams
 from megatron_rlrt.rollout.weight_sync import sync_weights
 from megatron_rlrt.trainer import checkpoint as ckpt
@@ -374,8 +372,9 @@ class Trainer:
             if bool(has_teacher.any()):
                 t_lp = padded([collected.teacher_logprobs[s.index].tolist() if h else [] for s, h in
                                zip(samples, has_teacher.tolist())], width)
-        tok_adv = token_advantages(cfg.advantage_estimator, adv, rewards, s_lp, t_lp, mask, lam, cfg.rlrt_clip_eps,
-                                   has_teacher if self.method.token_weight is not None else None)
+        # eq. 6-7 in one fused pass (C++/CUDA; identical to algorithms.token_advantages)
+        tok_adv = rlrt_epilogue(s_lp, t_lp, adv, rewards, mask, lam, cfg.rlrt_clip_eps, cfg.advantage_estimator,
+                                has_teacher if self.method.token_weight is not None else None)
         self._credit_metrics(samples, s_lp, t_lp, mask, adv, tok_adv, has_teacher, pieces)
         out = {}
         for i, s in enumerate(samples):

@@ -95,7 +95,7 @@ def check_parity(tmp: str, use_te: bool):
 def check_rl_steps(tmp: str):
     from megatron_rlrt import parallel
     from megatron_rlrt.config import parse_config
-    from megatron_rlrt.data.generators import reasoning_gym_rows, write_jsonl
+    from megatron_rlrt.data.generators import write_jsonl
     from megatron_rlrt.reward.registry import _REGISTERED, register_reward
     from megatron_rlrt.reward.testing import HashParityVerifier
     from megatron_rlrt.trainer.trainer import Trainer
@@ -106,7 +106,9 @@ def check_rl_steps(tmp: str):
     model = make_tiny_qwen3(os.path.join(tmp, "rl-model"), hidden_size=256, intermediate_size=512,
                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     data = os.path.join(tmp, "train.jsonl")
-    write_jsonl(reasoning_gym_rows("chain_sum", size=32, seed=1), data)
+    # plain sums written here: reasoning-gym's own dependencies are not on the GPU image
+    write_jsonl([{"prompt": f"What is {a} + {b}? Put the answer in \\boxed{{}}.", "answer": str(a + b)}
+                 for a, b in ((i % 7 + 1, 3 * i % 11 + 2) for i in range(32))], data)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(parallel.free_port()))
     cfg = parse_config(["--hf-checkpoint", model, "--prompt-data", data, "--reward", "hash_parity", "--bf16",

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         try:
             (run_sglang if report["sglang_importable"] else run_hf_path)(model_dir, report)
             report["ok"] = True
-        except Exception as exc:  # noqa: BLE001 - the report records the failure
+        except Exception:  # noqa: BLE001 - the report records the failure
             import traceback
 
             report["ok"], report["error"] = False, traceback.format_exc()[-3000:]

@@ -82,13 +82,12 @@ RUN sed -e 's/^torch==.*/torch==2.14.1/' constraints.txt > /tmp/constraints-imag
 
 # 7. The csrc/ extension (megatron_rlrt.ops._C, CPU + CUDA kernels), built from csrc/ and
 #    megatron_rlrt/ops/build.py alone so that other code changes reuse this layer. The Extension is
-#    the one setup.py builds with MEGATRON_RLRT_BUILD_EXT=1 (build.extension_for_setup); its nvcc
-#    flags hard-code sm_80/sm_90, so NVCC_APPEND_FLAGS adds sm_100. AVX2 CPU kernels run on any
-#    x86-64 host of a cluster (the prebuilt is refused on a CPU weaker than it was built for).
+#    the one setup.py builds with MEGATRON_RLRT_BUILD_EXT=1 (build.extension_for_setup); it takes
+#    its architectures from TORCH_CUDA_ARCH_LIST above (sm_90, sm_100 + PTX). AVX2 CPU kernels run
+#    on any x86-64 host of a cluster (the prebuilt is refused on a CPU weaker than it was built for).
 COPY csrc/ csrc/
 COPY megatron_rlrt/ops/build.py megatron_rlrt/ops/build.py
 RUN MEGATRON_RLRT_CPU_CAPABILITY=AVX2 MAX_JOBS="${MAX_JOBS}" \
-    NVCC_APPEND_FLAGS="-gencode=arch=compute_100,code=sm_100 -gencode=arch=compute_100,code=compute_100" \
     python -c "import importlib.util as u, setuptools; s = u.spec_from_file_location('rlrt_build', 'megatron_rlrt/ops/build.py'); b = u.module_from_spec(s); s.loader.exec_module(b); ext, cmd = b.extension_for_setup(); setuptools.setup(name='megatron-rlrt-ops', ext_modules=[ext], cmdclass=cmd, script_args=['build_ext', '--inplace'])" \
  && rm -rf build \
  && ls megatron_rlrt/ops/_C*.so

@@ -14,6 +14,7 @@ contents (see Dockerfile), not dependencies: nothing here requires a GPU.
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 # The local CPU wheel on dev/CI machines. A GPU image keeps the torch it was built around (the
 # Dockerfile: SGLang's torch==2.14.1) by installing with MEGATRON_RLRT_TORCH_SPEC=torch.
@@ -66,6 +67,23 @@ def ext_modules():
 
 
 _ext, _cmdclass = ext_modules()
+
+
+class build_py_with_csrc(_build_py):
+    """Also ship csrc/ inside the package (megatron_rlrt/ops/csrc/), so a non-editable install
+    can still JIT-build the extension on first use."""
+
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        target = os.path.join(self.build_lib, "megatron_rlrt", "ops", "csrc")
+        self.mkpath(target)
+        for name in sorted(os.listdir(os.path.join(here, "csrc"))):
+            if name.endswith((".cpp", ".cu", ".h", ".cuh")):
+                self.copy_file(os.path.join(here, "csrc", name), os.path.join(target, name))
+
+
+_cmdclass = {**_cmdclass, "build_py": build_py_with_csrc}
 
 setup(
     name="megatron-rlrt",

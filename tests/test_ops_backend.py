@@ -113,3 +113,27 @@ def test_extension_for_setup_describes_a_cpp_extension():
     assert sorted(os.path.basename(s) for s in ext.sources) == ["bindings.cpp", "logprobs_cpu.cpp"]
     assert all(not os.path.isabs(s) for s in ext.sources)
     assert "build_ext" in cmdclass
+
+
+def test_plain_install_ships_csrc_inside_the_package(tmp_path):
+    """setup.py's build_py copies csrc/ into megatron_rlrt/ops/csrc, and build.py found outside
+    the repository (as in site-packages) resolves its sources there."""
+    import importlib.util
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=repo, check=True,
+                   capture_output=True)
+    shipped = sorted(p.name for p in (lib / "megatron_rlrt" / "ops" / "csrc").iterdir())
+    assert shipped == sorted(os.listdir(os.path.join(repo, "csrc")))
+    spec = importlib.util.spec_from_file_location("rlrt_build_installed", lib / "megatron_rlrt" / "ops" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    env = os.environ.pop("MEGATRON_RLRT_CSRC", None)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if env is not None:
+            os.environ["MEGATRON_RLRT_CSRC"] = env
+    assert module.CSRC_DIR == str(lib / "megatron_rlrt" / "ops" / "csrc")
+    assert module.sources_present(with_cuda=True)

@@ -29,7 +29,18 @@ import torch
 
 EXT_NAME = "rlrt_ops"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC_DIR = os.environ.get("MEGATRON_RLRT_CSRC", os.path.join(os.path.dirname(os.path.dirname(_HERE)), "csrc"))
+
+def _find_csrc() -> str:
+    """$MEGATRON_RLRT_CSRC, else the repository's csrc/ (source checkouts, editable installs),
+    else the copy setup.py's build_py puts inside the package (wheels, plain installs)."""
+    if os.environ.get("MEGATRON_RLRT_CSRC"):
+        return os.environ["MEGATRON_RLRT_CSRC"]
+    repo = os.path.join(os.path.dirname(os.path.dirname(_HERE)), "csrc")
+    packaged = os.path.join(_HERE, "csrc")
+    return repo if os.path.isdir(repo) or not os.path.isdir(packaged) else packaged
+
+
+CSRC_DIR = _find_csrc()
 CPU_SOURCES = ("bindings.cpp", "logprobs_cpu.cpp")
 CUDA_SOURCES = ("logprobs_cuda.cu",)
 HEADERS = ("rlrt_ops.h",)
@@ -86,6 +97,12 @@ def cxx_flags(capability: str, with_cuda: bool) -> list[str]:
 
 def nvcc_flags(arch_flags: list[str] | tuple[str, ...] = CUDA_ARCH_FLAGS) -> list[str]:
     return _CUDA_CFLAGS + list(arch_flags)
+
+
+def aot_cuda_arch_flags() -> tuple[str, ...]:
+    """Architectures of an ahead-of-time build: ``$TORCH_CUDA_ARCH_LIST`` when set (torch's
+    BuildExtension turns it into -gencode flags, but only when we pass none), else sm_80/sm_90."""
+    return () if os.environ.get("TORCH_CUDA_ARCH_LIST") else CUDA_ARCH_FLAGS
 
 
 def cuda_toolchain() -> str | None:
@@ -189,8 +206,8 @@ def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float
 def extension_for_setup():
     """(Extension, cmdclass) for setup.py: ``megatron_rlrt.ops._C`` from csrc/.
 
-    A CUDAExtension (CPU + CUDA kernels, sm_80/sm_90) when torch was built with CUDA and nvcc
-    is found, else a CppExtension (CPU kernels only).
+    A CUDAExtension (CPU + CUDA kernels; sm_80/sm_90 or ``$TORCH_CUDA_ARCH_LIST``) when torch was
+    built with CUDA and nvcc is found, else a CppExtension (CPU kernels only).
     """
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -203,7 +220,8 @@ def extension_for_setup():
         include_dirs=[CSRC_DIR],
     )
     if with_cuda:
-        ext = CUDAExtension(extra_compile_args={"cxx": cxx_flags(capability, True), "nvcc": nvcc_flags()}, **kwargs)
+        ext = CUDAExtension(extra_compile_args={"cxx": cxx_flags(capability, True), "nvcc": nvcc_flags(aot_cuda_arch_flags())},
+                            **kwargs)
     else:
         ext = CppExtension(extra_compile_args={"cxx": cxx_flags(capability, False)}, **kwargs)
     return ext, {"build_ext": BuildExtension}

@@ -114,7 +114,8 @@ class Config:
                             choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
     tis_clip: float = _f(2.0, "truncated importance-sampling cap between rollout and trainer log-probs (0: off)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (grpo_eb defaults to 0.001)")
-    kl_coef: float = _f(0.0, "reference-KL coefficient (0: no reference model)")
+    kl_coef: float = _f(0.0, "reference-KL coefficient; > 0 keeps the starting weights (host memory) as the "
+                             "reference policy and adds one no-grad pass over the student rows per step")
     kl_type: str = _f("k3", "estimator of the reference KL term", choices=("k1", "k3"))
     distill_topk: int = _f(100, "top-K of the distillation loss (sdpo/srpo/opsd)")
     distill_alpha: float = _f(0.5, "generalized JSD alpha (0: forward KL, 1: reverse KL)")
@@ -235,7 +236,7 @@ class Config:
         from megatron_rlrt.reward import list_rewards
 
         need(self.reward in list_rewards(), f"--reward {self.reward!r}: unknown verifier; known: {list_rewards()}")
-        need(self.kl_coef == 0, "--kl-coef > 0 needs a reference model, which the trainer does not keep yet")
+        need(self.kl_coef >= 0, f"--kl-coef {self.kl_coef} must be >= 0")
         need(0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
         try:
             import torch

@@ -82,3 +82,38 @@ def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_mod
 
     parallel.spawn(train_rank, 2, argv)
     assert sorted(_metrics(run)) == [1, 2, 3]
+
+
+def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp_path):
+    from tests.trainer_helpers import reference_rank
+
+    out = tmp_path / "ref.json"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
+                                                 "--kl-coef", "0.5", "--kl-type", "k3",
+                                                 "--global-batch-size", "8"]  # one update per step: on-policy
+    parallel.spawn(reference_rank, 2, argv, str(out))
+    r = json.loads(out.read_text())
+    assert r["trained_vs_start"] > 1e-4, "training did not move the policy: the test would prove nothing"
+    assert r["ref_vs_start"] < 1e-5, r  # the reference is the starting model
+    assert r["back_vs_trained"] == 0.0, r  # and swapping it out restores the policy exactly
+    first, second = r["steps"]
+    assert abs(first["actor/ref_kl"]) < 1e-9, "policy == reference during the first update: KL must be 0"
+    assert second["actor/ref_kl"] > 1e-7, "after an update the k3 estimate of KL(pi || ref) is positive"
+
+
+def test_ema_teacher_is_checkpointed_and_restored(tiny_model, arithmetic_data, tmp_path):
+    from tests.trainer_helpers import ema_teacher_rank, train_rank
+
+    run = tmp_path / "run"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
+                                                 "--teacher-weights", "ema", "--teacher-ema-rate", "0.3",
+                                                 "--save", str(run), "--save-interval", "1",
+                                                 "--keep-last-n-checkpoints", "3"]
+    parallel.spawn(train_rank, 2, argv)
+    assert (run / "checkpoints" / "iter_0000002" / "teacher_ema").is_dir()
+    out = tmp_path / "ema.json"
+    parallel.spawn(ema_teacher_rank, 2, argv, 0.3, str(out))
+    r = json.loads(out.read_text())
+    assert r["start_step"] == 2
+    assert r["teacher_vs_policy"] > 1e-5, "teacher equals the policy: the test would prove nothing"
+    assert r["max_abs_diff"] < 1e-6, r

@@ -198,3 +198,72 @@ def server_engine_rank(argv: list[str], out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump({"steps": steps, "version": version}, f)
     parallel.destroy()
+
+
+def reference_rank(argv: list[str], out_path: str) -> None:
+    """--kl-coef > 0: the reference swapped into the model gives the starting model's logits,
+    and swapping back gives the trained model's logits bit for bit."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.models.forward import forward_logits
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    tokens = torch.randint(0, 151_000, (2, 11), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        for c in trainer.chunks:
+            c.eval()
+        out = forward_logits(trainer.chunks, tokens)
+        for c in trainer.chunks:
+            c.train()
+        return out
+
+    try:
+        start = logits()
+        steps = [trainer.step(s) for s in range(trainer.cfg.train_iters)]
+        trained = logits()
+        with trainer.reference.swapped_in(trainer.chunks):
+            ref = logits()
+        back = logits()
+        if dist.get_rank() == 0:
+            with open(out_path, "w") as f:
+                json.dump({"steps": steps, "ref_vs_start": (ref - start).abs().max().item(),
+                           "trained_vs_start": (trained - start).abs().max().item(),
+                           "back_vs_trained": (back - trained).abs().max().item()}, f)
+    finally:
+        trainer.close()
+    parallel.destroy()
+
+
+def ema_teacher_rank(argv: list[str], rate: float, out_path: str) -> None:
+    """Resume a finished --teacher-weights ema run of 2 steps (checkpoints iter 1 and 2 kept):
+    the restored teacher must be (1-r)^2 theta_0 + r(1-r) theta_1 + r theta_2."""
+    import os
+
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer import checkpoint as ckpt
+    from megatron_rlrt.trainer.trainer import Trainer
+    from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
+
+    register_test_rewards()
+    cfg = parse_config(argv)
+    trainer = Trainer(cfg)
+    try:
+        root = ckpt.checkpoint_root(cfg.save)
+        theta = [trainer.initial_weights] + [WeightSnapshot.load(trainer.chunks, os.path.join(root, ckpt.iter_name(s),
+                                                                                              "model")) for s in (1, 2)]
+        worst, moved = 0.0, 0.0
+        for t, a, b, c in zip(trainer.teacher.tensors, *(s.tensors for s in theta)):
+            want = (1 - rate) ** 2 * a + rate * (1 - rate) * b + rate * c
+            worst = max(worst, (t - want).abs().max().item())
+            moved = max(moved, (t - c).abs().max().item())
+        result = {"start_step": trainer.start_step, "max_abs_diff": worst, "teacher_vs_policy": moved}
+        if dist.get_rank() == 0:
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    finally:
+        trainer.close()
+    parallel.destroy()

@@ -6,6 +6,7 @@ resumed run continue exactly where it stopped.
         iter_0000010/
             metadata.json, hf/, model/     as a model checkpoint (tools/ can convert it)
             optim/                         megatron optimizer, dist_checkpointing
+            teacher_ema/                   the EMA teacher's weights (--teacher-weights ema)
             trainer_state.json             step, LR scheduler, data position, lambda schedule
             rng/rank_00000.pt              per-rank RNG states (torch, CUDA, python, numpy,
                                            megatron's tracker, the rollout sampler on rank 0)
@@ -44,6 +45,7 @@ OPTIM_DIR = "optim"
 # buffer shards (resume needs the same TP/PP; the model part reshards freely).
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 STATE_FILE = "trainer_state.json"
+TEACHER_EMA_DIR = "teacher_ema"
 LATEST = "latest"
 
 
@@ -93,8 +95,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(save: str, step: int, chunks, optimizer, scheduler, spec, hf_dir: str, trainer_state: dict,
-                    rng_extra: dict | None = None, keep_last: int = 2) -> str:
-    """Write checkpoint ``step`` (collective). Returns its path."""
+                    rng_extra: dict | None = None, keep_last: int = 2, snapshots: dict | None = None) -> str:
+    """Write checkpoint ``step`` (collective). Returns its path. ``snapshots``: directory name ->
+    WeightSnapshot of other weights the run keeps (saved like the model, at any TP/PP)."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(save)
@@ -110,6 +113,8 @@ def save_checkpoint(save: str, step: int, chunks, optimizer, scheduler, spec, hf
         dist.barrier()
         dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA),
                                 os.path.join(tmp, OPTIM_DIR))
+        for name, snapshot in (snapshots or {}).items():
+            snapshot.save(chunks, os.path.join(tmp, name))
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(rng_extra), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
         if rank == 0:

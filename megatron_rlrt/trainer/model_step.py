@@ -187,6 +187,7 @@ class Collected:
     teacher_logprobs: dict[int, torch.Tensor]
     student_topk_ids: dict[int, torch.Tensor]
     teacher_topk_logprobs: dict[int, torch.Tensor]
+    ref_logprobs: dict[int, torch.Tensor] | None = None  # reference policy (--kl-coef > 0)
 
 
 def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_size: int,

@@ -54,6 +54,7 @@ from megatron_rlrt.trainer import checkpoint as ckpt
 from megatron_rlrt.trainer.metrics import MetricsWriter, console_line, phase, reduce_to_rank0
 from megatron_rlrt.trainer.model_step import StepOptions, collect, student_values, train_minibatch
 from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample, dp_shard, padded
+from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
 
 logger = logging.getLogger("megatron_rlrt")
 
@@ -75,6 +76,10 @@ class Trainer:
         self.spec.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                  cfg.virtual_pipeline_model_parallel_size)
         self._build_model()
+        # the weights the run starts from (HF or --load), before any resume: the reference
+        # policy of the KL term and the --teacher-weights initial teacher
+        self.initial_weights = WeightSnapshot.of(self.chunks) if self._needs_initial_weights() else None
+        self.reference = self.initial_weights if cfg.kl_coef > 0 else None
         self.lam_schedule = make_lambda_schedule(cfg.rlrt_lambda, cfg.rlrt_lambda_decay_steps)
         self.loss_cfg = PolicyLossConfig(cfg.eps_clip, cfg.eps_clip_high, cfg.eps_clip_c or None, cfg.loss_agg_mode,
                                          cfg.tis_clip or None, cfg.entropy_coef, cfg.kl_coef, cfg.kl_type)
@@ -83,7 +88,7 @@ class Trainer:
                                 use_te=self.platform.has_transformer_engine,
                                 pad_to_multiple_of=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         self.start_step, rng = self._restore()
-        self.teacher_params = self._init_teacher_params()
+        self.teacher = self._init_teacher()
         self._on_rank0(lambda: self._build_rank0_services(rng), "loading data, verifier and rollout engine")
         self.metrics = MetricsWriter(cfg.save, cfg.tensorboard, cfg.wandb_project, cfg.to_dict(), self.start_step)
         self._sync_engine(version=self.start_step)
@@ -136,11 +141,25 @@ class Trainer:
         self._log(f"resumed from {path} (step {state['step']})")
         return int(state["step"]), rng
 
-    def _init_teacher_params(self):
-        """A copy of this rank's parameters for --teacher-weights initial|ema (None: current policy)."""
-        if self.cfg.teacher_weights == "current" or not self.method.needs_teacher:
+    def _needs_initial_weights(self) -> bool:
+        separate_teacher = self.method.needs_teacher and self.cfg.teacher_weights != "current"
+        return self.cfg.kl_coef > 0 or separate_teacher
+
+    def _init_teacher(self) -> WeightSnapshot | None:
+        """Teacher weights for --teacher-weights initial|ema (None: the current policy, eq. 1)."""
+        cfg = self.cfg
+        if cfg.teacher_weights == "current" or not self.method.needs_teacher:
             return None
-        return [p.detach().clone() for c in self.chunks for p in c.parameters()]
+        if cfg.teacher_weights == "initial":
+            return self.initial_weights
+        resumed = None if cfg.no_auto_resume else ckpt.latest_checkpoint(cfg.save)
+        if resumed is None:
+            return self.initial_weights.copy()
+        ema_dir = os.path.join(resumed, ckpt.TEACHER_EMA_DIR)
+        if not os.path.isdir(ema_dir):
+            raise RuntimeError(f"--teacher-weights ema: the checkpoint {resumed} has no {ckpt.TEACHER_EMA_DIR}/ (it "
+                               "was saved by a run with another teacher); resume with the same --teacher-weights")
+        return WeightSnapshot.load(self.chunks, ema_dir)
 
     def _build_rank0_services(self, rng):
         from megatron_rlrt.data import DataConfig, PromptDataset, PromptLoader, TemplateConfig
@@ -297,7 +316,8 @@ class Trainer:
             return {**batch.metrics, "perf/step_time_s": time.perf_counter() - t0, "train/skipped": 1.0}
         local = [s for mb in minibatches for s in mb]
         t_train = time.perf_counter()
-        need_collect = self.method.needs_teacher or len(minibatches) > 1 or self.method.uses_distillation
+        need_collect = (self.method.needs_teacher or len(minibatches) > 1 or self.method.uses_distillation
+                        or self.reference is not None)
         pieces: dict[str, tuple[float, float]] = {}
         collected = None
         if need_collect:
@@ -318,10 +338,8 @@ class Trainer:
             pieces["perf/teacher_tokens_total"] = (float(sum(len(s.teacher_prompt_ids) + len(s.response_ids)
                                                              for s in local if s.has_teacher)), 1.0)
         sync_s = self._sync_engine(version=step + 1)
-        if self.teacher_params is not None and cfg.teacher_weights == "ema":
-            with torch.no_grad():
-                for t, p in zip(self.teacher_params, (p for c in self.chunks for p in c.parameters())):
-                    t.mul_(1 - cfg.teacher_ema_rate).add_(p.detach(), alpha=cfg.teacher_ema_rate)
+        if self.teacher is not None and cfg.teacher_weights == "ema":
+            self.teacher.ema_update(self.chunks, cfg.teacher_ema_rate)
         m = reduce_to_rank0(pieces)
         if self.rank0:
             step_time = time.perf_counter() - t0
@@ -334,28 +352,29 @@ class Trainer:
         return m
 
     def _collect(self, samples: Sequence[Sample]):
+        """Old-policy and teacher log-probs (one packed pass when the teacher is the current
+        policy), then reference log-probs of the student rows when the KL term is on."""
         cfg = self.cfg
         budget = cfg.max_tokens_per_gpu if cfg.use_dynamic_batch_size else None
-        if self.teacher_params is None:
-            return collect(self.chunks, samples, self.opts, cfg.micro_batch_size, budget)
-        # a different teacher: students with the current weights, teachers with the teacher copy
-        students = collect(self.chunks, [replace(s, teacher_prompt_ids=None) for s in samples], self.opts,
+
+        def students_only(opts):
+            return collect(self.chunks, [replace(s, teacher_prompt_ids=None) for s in samples], opts,
                            cfg.micro_batch_size, budget)
-        params = [p for c in self.chunks for p in c.parameters()]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, t in zip(params, self.teacher_params):
-                p.copy_(t)
-        try:
-            teachers = [s for s in samples if s.has_teacher]
-            t_out = collect(self.chunks, [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
-                                          for s in teachers], replace(self.opts, topk=0), cfg.micro_batch_size, budget)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-        students.teacher_logprobs = t_out.student_logprobs
-        return students
+
+        if self.teacher is None:
+            out = collect(self.chunks, samples, self.opts, cfg.micro_batch_size, budget)
+        else:  # a different teacher: students with the current weights, teachers with the teacher's
+            out = students_only(self.opts)
+            teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
+                        for s in samples if s.has_teacher]
+            if teachers:
+                with self.teacher.swapped_in(self.chunks):
+                    t_out = collect(self.chunks, teachers, replace(self.opts, topk=0), cfg.micro_batch_size, budget)
+                out.teacher_logprobs = t_out.student_logprobs
+        if self.reference is not None:
+            with self.reference.swapped_in(self.chunks):
+                out.ref_logprobs = students_only(replace(self.opts, topk=0, with_entropy=False)).student_logprobs
+        return out
 
     def _per_sample_inputs(self, samples, collected, lam: float, pieces: dict) -> dict:
         """Token advantages and the loss inputs of each local sample (last pipeline stage)."""
@@ -383,6 +402,8 @@ class Trainer:
                      "reward": rewards[i], "has_teacher": bool(has_teacher[i])}
             if collected is not None:
                 entry["old_lp"] = collected.student_logprobs[s.index]
+                if collected.ref_logprobs is not None:
+                    entry["ref_lp"] = collected.ref_logprobs[s.index]
                 if self.method.uses_distillation:
                     entry["topk_ids"] = collected.student_topk_ids[s.index]
                     entry["teacher_topk"] = collected.teacher_topk_logprobs.get(s.index)
@@ -452,7 +473,8 @@ class Trainer:
             rewards = torch.stack([per_sample[i]["reward"] for i in rows]).to(dev)
             has_teacher = torch.tensor([per_sample[i]["has_teacher"] for i in rows], device=dev)
             pieces_ = policy_token_loss(logp, old, adv, mask, self.loss_cfg,
-                                        rollout_logprobs=stack("rollout_lp") if cfg.tis_clip else None, entropy=entropy)
+                                        rollout_logprobs=stack("rollout_lp") if cfg.tis_clip else None, entropy=entropy,
+                                        ref_logprobs=stack("ref_lp") if self.reference is not None else None)
             distill = None
             if self.method.uses_distillation:
                 k = self.opts.topk
@@ -526,8 +548,9 @@ class Trainer:
         dist.broadcast_object_list(holder, src=0)
         extra = {"rollout_generator": self.engine.generator.get_state(), "peer_generator": self.peer_generator.get_state()} \
             if self.rank0 and hasattr(self.engine, "generator") else None
+        snapshots = {ckpt.TEACHER_EMA_DIR: self.teacher} if self.cfg.teacher_weights == "ema" and self.teacher else {}
         path = ckpt.save_checkpoint(self.cfg.save, step, self.chunks, self.optimizer, self.scheduler, self.spec,
-                                    self.hf_dir, holder[0], extra, self.cfg.keep_last_n_checkpoints)
+                                    self.hf_dir, holder[0], extra, self.cfg.keep_last_n_checkpoints, snapshots)
         self._log(f"saved checkpoint {path}")
 
     def train(self) -> dict:

@@ -1,0 +1,84 @@
+"""Frozen copies of this rank's model parameters, swapped into the live model for a forward.
+
+The reference policy (``--kl-coef > 0``) and a non-current teacher (``--teacher-weights
+initial|ema``) are the same model with other weights. Instead of a second model (and a second
+set of activations, pipeline schedules and TP shards), we keep a copy of this rank's parameter
+shards in host memory and copy it into the model for the no-grad pass that needs it, as
+slime does for its reference model. Swapping back restores the policy bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+
+def _params(chunks) -> list[torch.Tensor]:
+    return [p for c in chunks for p in c.parameters()]
+
+
+class WeightSnapshot:
+    """This rank's parameter shards, in host memory (pinned when CUDA is there)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    @classmethod
+    def of(cls, chunks) -> "WeightSnapshot":
+        pin = torch.cuda.is_available()
+        return cls([p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().to("cpu", copy=True)
+                    for p in _params(chunks)])
+
+    def copy(self) -> "WeightSnapshot":
+        return WeightSnapshot([t.clone() for t in self.tensors])
+
+    @contextmanager
+    def swapped_in(self, chunks):
+        """Run the body with these weights in ``chunks``; the model's own weights come back
+        afterwards, also when the body raises."""
+        params = _params(chunks)
+        if len(params) != len(self.tensors):
+            raise RuntimeError(f"snapshot holds {len(self.tensors)} tensors, the model has {len(params)} parameters")
+        own = [p.detach().to("cpu", copy=True) for p in params]
+        try:
+            with torch.no_grad():
+                for p, t in zip(params, self.tensors):
+                    p.copy_(t, non_blocking=True)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, own):
+                    p.copy_(t)
+
+    def ema_update(self, chunks, rate: float) -> None:
+        """theta_T <- (1 - rate) * theta_T + rate * theta (the --teacher-weights ema teacher)."""
+        with torch.no_grad():
+            for t, p in zip(self.tensors, _params(chunks)):
+                t.mul_(1 - rate).add_(p.detach().to("cpu", dtype=t.dtype), alpha=rate)
+
+    # -- checkpoints: written as a model directory (dist_checkpointing, any TP/PP) ---------------
+
+    def save(self, chunks, directory: str) -> None:
+        from megatron_rlrt.models.megatron_checkpoint import write_model_dir
+
+        with self.swapped_in(chunks):
+            write_model_dir(chunks, directory)
+
+    @classmethod
+    def load(cls, chunks, directory: str) -> "WeightSnapshot":
+        """Read a snapshot saved by :meth:`save` (collective), leaving the model's weights as they were."""
+        from megatron_rlrt.models.megatron_checkpoint import read_model_dir
+
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no saved weight snapshot")
+        own = cls.of(chunks)
+        try:
+            read_model_dir(chunks, directory)
+            loaded = cls.of(chunks)
+        finally:
+            with torch.no_grad():
+                for p, t in zip(_params(chunks), own.tensors):
+                    p.copy_(t)
+        return loaded

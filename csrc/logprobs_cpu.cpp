@@ -187,14 +187,6 @@ void row_grad(const scalar_t* x, scalar_t* g, int64_t V, float inv_t, float mx, 
   }
 }
 
-void check_rows(const at::Tensor& logits, const at::Tensor& local_targets) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1, "logits rows must be contiguous");
-  TORCH_CHECK(local_targets.dim() == 1 && local_targets.size(0) == logits.size(0),
-              "targets must be [N] with N = ", logits.size(0), ", got ", local_targets.sizes());
-  TORCH_CHECK(local_targets.scalar_type() == at::kLong, "targets must be int64");
-}
-
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
 }  // namespace
@@ -238,28 +230,15 @@ at::Tensor stats_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in, 
 void grad_cpu(const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& norm_in,
               const at::Tensor& g_lp_in, const c10::optional<at::Tensor>& g_ent_in,
               const c10::optional<at::Tensor>& entropy_in, double inv_temp, at::Tensor& out) {
-  check_rows(logits, targets_in);
+  const GradInputs in = grad_inputs(logits, targets_in, norm_in, g_lp_in, g_ent_in, entropy_in, out);
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
-                  (V == 0 || out.stride(1) == 1),
-              "out must have the logits' shape and dtype with contiguous rows");
-  const at::Tensor targets = targets_in.contiguous();
-  TORCH_CHECK(norm_in.dim() == 2 && norm_in.size(0) == N && norm_in.size(1) == 2, "norm must be [N, 2]");
-  const at::Tensor norm = norm_in.to(at::kFloat).contiguous();
-  const at::Tensor g_lp = g_lp_in.to(at::kFloat).contiguous();
-  const bool ent = g_ent_in.has_value() && g_ent_in->defined();
-  at::Tensor g_ent, entropy;
-  if (ent) {
-    TORCH_CHECK(entropy_in.has_value() && entropy_in->defined(), "entropy gradient needs the entropy");
-    g_ent = g_ent_in->to(at::kFloat).contiguous();
-    entropy = entropy_in->to(at::kFloat).contiguous();
-  }
+  const bool ent = in.with_entropy;
   const float inv_t = static_cast<float>(inv_temp);
-  const int64_t* tg = targets.data_ptr<int64_t>();
-  const float* nm = norm.data_ptr<float>();
-  const float* glp = g_lp.data_ptr<float>();
-  const float* gent = ent ? g_ent.data_ptr<float>() : nullptr;
-  const float* h = ent ? entropy.data_ptr<float>() : nullptr;
+  const int64_t* tg = in.targets.data_ptr<int64_t>();
+  const float* nm = in.norm.data_ptr<float>();
+  const float* glp = in.g_lp.data_ptr<float>();
+  const float* gent = ent ? in.g_ent.data_ptr<float>() : nullptr;
+  const float* h = ent ? in.entropy.data_ptr<float>() : nullptr;
   RLRT_DISPATCH_FLOATS(logits.scalar_type(), "rlrt_grad_cpu", [&] {
     {
       const scalar_t* x = logits.data_ptr<scalar_t>();

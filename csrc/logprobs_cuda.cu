@@ -264,14 +264,6 @@ __global__ void epilogue_kernel(const float* __restrict__ s, const float* __rest
   }
 }
 
-void check_rows(const at::Tensor& logits, const at::Tensor& local_targets) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1, "logits rows must be contiguous");
-  TORCH_CHECK(local_targets.dim() == 1 && local_targets.size(0) == logits.size(0), "targets must be [N]");
-  TORCH_CHECK(local_targets.scalar_type() == at::kLong, "targets must be int64");
-  TORCH_CHECK(local_targets.device() == logits.device(), "targets must be on the logits' device");
-}
-
 }  // namespace
 
 at::Tensor stats_cuda(const at::Tensor& logits, const at::Tensor& targets_in, double inv_temp, bool with_entropy) {
@@ -294,31 +286,18 @@ at::Tensor stats_cuda(const at::Tensor& logits, const at::Tensor& targets_in, do
 void grad_cuda(const at::Tensor& logits, const at::Tensor& targets_in, const at::Tensor& norm_in,
                const at::Tensor& g_lp_in, const c10::optional<at::Tensor>& g_ent_in,
                const c10::optional<at::Tensor>& entropy_in, double inv_temp, at::Tensor& out) {
-  check_rows(logits, targets_in);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
-                  (logits.size(1) == 0 || out.stride(1) == 1),
-              "out must have the logits' shape and dtype with contiguous rows");
   const c10::cuda::CUDAGuard guard(logits.device());
+  const GradInputs in = grad_inputs(logits, targets_in, norm_in, g_lp_in, g_ent_in, entropy_in, out);
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return;
-  const at::Tensor targets = targets_in.contiguous();
-  TORCH_CHECK(norm_in.dim() == 2 && norm_in.size(0) == N && norm_in.size(1) == 2, "norm must be [N, 2]");
-  const at::Tensor norm = norm_in.to(at::kFloat).contiguous();
-  const at::Tensor g_lp = g_lp_in.to(at::kFloat).contiguous();
-  const bool ent = g_ent_in.has_value() && g_ent_in->defined();
-  at::Tensor g_ent, entropy;
-  if (ent) {
-    TORCH_CHECK(entropy_in.has_value() && entropy_in->defined(), "entropy gradient needs the entropy");
-    g_ent = g_ent_in->to(at::kFloat).contiguous();
-    entropy = entropy_in->to(at::kFloat).contiguous();
-  }
+  const bool ent = in.with_entropy;
   auto stream = c10::cuda::getCurrentCUDAStream();
   RLRT_DISPATCH_FLOATS(logits.scalar_type(), "rlrt_grad_cuda", [&] {
     auto kernel = ent ? grad_kernel<scalar_t, true> : grad_kernel<scalar_t, false>;
     kernel<<<N, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), logits.stride(0), out.data_ptr<scalar_t>(),
-                                       out.stride(0), V, targets.data_ptr<int64_t>(), norm.data_ptr<float>(),
-                                       g_lp.data_ptr<float>(), ent ? g_ent.data_ptr<float>() : nullptr,
-                                       ent ? entropy.data_ptr<float>() : nullptr, static_cast<float>(inv_temp));
+                                       out.stride(0), V, in.targets.data_ptr<int64_t>(), in.norm.data_ptr<float>(),
+                                       in.g_lp.data_ptr<float>(), ent ? in.g_ent.data_ptr<float>() : nullptr,
+                                       ent ? in.entropy.data_ptr<float>() : nullptr, static_cast<float>(inv_temp));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

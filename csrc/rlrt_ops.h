@@ -35,6 +35,44 @@ namespace rlrt {
 
 constexpr int kNumStats = 4;
 
+// Input checks and preparation shared by the CPU and CUDA kernels.
+inline void check_rows(const at::Tensor& logits, const at::Tensor& local_targets) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1, "logits rows must be contiguous");
+  TORCH_CHECK(local_targets.dim() == 1 && local_targets.size(0) == logits.size(0),
+              "targets must be [N] with N = ", logits.size(0), ", got ", local_targets.sizes());
+  TORCH_CHECK(local_targets.scalar_type() == at::kLong, "targets must be int64");
+  TORCH_CHECK(local_targets.device() == logits.device(), "targets must be on the logits' device");
+}
+
+// The backward's inputs, checked, as contiguous float32 (the entropy pair only when its gradient
+// is given).
+struct GradInputs {
+  at::Tensor targets, norm, g_lp, g_ent, entropy;
+  bool with_entropy = false;
+};
+
+inline GradInputs grad_inputs(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& norm,
+                              const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent,
+                              const c10::optional<at::Tensor>& entropy, const at::Tensor& out) {
+  check_rows(logits, targets);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type() &&
+                  (logits.size(1) == 0 || out.stride(1) == 1),
+              "out must have the logits' shape and dtype with contiguous rows");
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == logits.size(0) && norm.size(1) == 2, "norm must be [N, 2]");
+  GradInputs in;
+  in.targets = targets.contiguous();
+  in.norm = norm.to(at::kFloat).contiguous();
+  in.g_lp = g_lp.to(at::kFloat).contiguous();
+  in.with_entropy = g_ent.has_value() && g_ent->defined();
+  if (in.with_entropy) {
+    TORCH_CHECK(entropy.has_value() && entropy->defined(), "entropy gradient needs the entropy");
+    in.g_ent = g_ent->to(at::kFloat).contiguous();
+    in.entropy = entropy->to(at::kFloat).contiguous();
+  }
+  return in;
+}
+
 // CPU kernels (logprobs_cpu.cpp)
 at::Tensor stats_cpu(const at::Tensor& logits, const at::Tensor& local_targets, double inv_temp,
                      bool with_entropy);

@@ -84,12 +84,14 @@ def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_mod
     assert sorted(_metrics(run)) == [1, 2, 3]
 
 
-def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp_path):
+@pytest.mark.parametrize("teacher", ["current", "initial"])
+def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp_path, teacher):
+    """With --teacher-weights initial, teacher and reference rows share one swapped-in pass."""
     from tests.trainer_helpers import reference_rank
 
     out = tmp_path / "ref.json"
     argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
-                                                 "--kl-coef", "0.5", "--kl-type", "k3",
+                                                 "--kl-coef", "0.5", "--kl-type", "k3", "--teacher-weights", teacher,
                                                  "--global-batch-size", "8"]  # one update per step: on-policy
     parallel.spawn(reference_rank, 2, argv, str(out))
     r = json.loads(out.read_text())
@@ -99,6 +101,7 @@ def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp
     first, second = r["steps"]
     assert abs(first["actor/ref_kl"]) < 1e-9, "policy == reference during the first update: KL must be 0"
     assert second["actor/ref_kl"] > 1e-7, "after an update the k3 estimate of KL(pi || ref) is positive"
+    assert second["rlrt/teacher_built"] > 0 and "rlrt/weight_mean" in second
 
 
 def test_ema_teacher_is_checkpointed_and_restored(tiny_model, arithmetic_data, tmp_path):

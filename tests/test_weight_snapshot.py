@@ -62,7 +62,7 @@ def test_ema_update_is_the_convex_mix_and_snapshots_are_independent_copies():
     chunks = _chunks()
     theta0 = _flat(chunks)
     teacher = WeightSnapshot.of(chunks)
-    frozen = teacher.copy()
+    frozen = WeightSnapshot.of(chunks)
     with torch.no_grad():
         for c in chunks:
             for p in c.parameters():

@@ -244,6 +244,8 @@ def ema_teacher_rank(argv: list[str], rate: float, out_path: str) -> None:
 
     from megatron_rlrt import parallel
     from megatron_rlrt.config import parse_config
+    from megatron_rlrt.models.hf_checkpoint import load_hf_weights
+    from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model
     from megatron_rlrt.trainer import checkpoint as ckpt
     from megatron_rlrt.trainer.trainer import Trainer
     from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
@@ -253,8 +255,10 @@ def ema_teacher_rank(argv: list[str], rate: float, out_path: str) -> None:
     trainer = Trainer(cfg)
     try:
         root = ckpt.checkpoint_root(cfg.save)
-        theta = [trainer.initial_weights] + [WeightSnapshot.load(trainer.chunks, os.path.join(root, ckpt.iter_name(s),
-                                                                                              "model")) for s in (1, 2)]
+        theta = [WeightSnapshot.load(trainer.chunks, os.path.join(root, ckpt.iter_name(s), "model")) for s in (1, 2)]
+        # theta_0: the HF checkpoint the run started from, loaded afresh (the model is not used after)
+        load_hf_into_model(trainer.chunks, trainer.spec, load_hf_weights(trainer.hf_dir, trainer.spec))
+        theta.insert(0, WeightSnapshot.of(trainer.chunks))
         worst, moved = 0.0, 0.0
         for t, a, b, c in zip(trainer.teacher.tensors, *(s.tensors for s in theta)):
             want = (1 - rate) ** 2 * a + rate * (1 - rate) * b + rate * c

@@ -31,6 +31,32 @@ def token_advantages(
     means every row has one. Log-probs are of the sampled tokens and are detached here.
     """
     spec = get_method(method)
+    mask, gate = weighting_gate(method, seq_advantages, rewards, student_logprobs, teacher_logprobs, response_mask,
+                                lam, eps_w, has_teacher, success_threshold)
+    adv = seq_advantages.detach().to(torch.float32)[:, None].expand(mask.shape)
+    if gate is not None:
+        s, t = student_logprobs.detach().float(), teacher_logprobs.detach().float()
+        weight = spec.token_weight(adv, s, t)
+        adv = reward_gated_advantage(adv, weight, gate[:, None], lam, eps_w)
+    return torch.where(mask, adv, torch.zeros_like(adv))
+
+
+def weighting_gate(
+    method: str,
+    seq_advantages: torch.Tensor,
+    rewards: torch.Tensor,
+    student_logprobs: Optional[torch.Tensor],
+    teacher_logprobs: Optional[torch.Tensor],
+    response_mask: torch.Tensor,
+    lam: float,
+    eps_w: float,
+    has_teacher: Optional[torch.Tensor] = None,
+    success_threshold: float = SUCCESS_THRESHOLD,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Check the inputs of ``token_advantages``; return (response mask [B, T] bool, gate [B]):
+    the rows whose advantage gets the token weight, or None when no row does (the method has
+    no weight, or no row has a teacher view). Shared with the fused epilogue (megatron_rlrt.ops)."""
+    spec = get_method(method)
     mask = _check_mask(response_mask)
     batch, length = mask.shape
     _check_shape("seq_advantages", seq_advantages, (batch,))
@@ -39,28 +65,24 @@ def token_advantages(
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     if eps_w < 0:
         raise ValueError(f"eps_w must be >= 0, got {eps_w}")
-    adv = seq_advantages.detach().to(torch.float32)[:, None].expand(batch, length)
-
-    if spec.token_weight is not None:
-        if has_teacher is None:
-            has_teacher = torch.ones(batch, dtype=torch.bool, device=mask.device)
-        _check_shape("has_teacher", has_teacher, (batch,))
-        has_teacher = has_teacher.bool()
-        if teacher_logprobs is None and bool(has_teacher.any()):
-            raise ValueError(f"method {method!r} needs teacher_logprobs for the rows with has_teacher True")
-        if bool(has_teacher.any()):
-            if student_logprobs is None:
-                raise ValueError(f"method {method!r} needs student_logprobs")
-            _check_logprobs("student_logprobs", student_logprobs, mask, (batch, length))
-            _check_logprobs("teacher_logprobs", teacher_logprobs, mask & has_teacher[:, None], (batch, length))
-            gate = has_teacher
-            if spec.weight_on == "correct":
-                gate = gate & is_correct(rewards.detach(), success_threshold)
-            s, t = student_logprobs.detach().float(), teacher_logprobs.detach().float()
-            weight = spec.token_weight(adv, s, t)
-            adv = reward_gated_advantage(adv, weight, gate[:, None], lam, eps_w)
-
-    return torch.where(mask, adv, torch.zeros_like(adv))
+    if spec.token_weight is None:
+        return mask, None
+    if has_teacher is None:
+        has_teacher = torch.ones(batch, dtype=torch.bool, device=mask.device)
+    _check_shape("has_teacher", has_teacher, (batch,))
+    has_teacher = has_teacher.bool()
+    if not bool(has_teacher.any()):
+        return mask, None
+    if teacher_logprobs is None:
+        raise ValueError(f"method {method!r} needs teacher_logprobs for the rows with has_teacher True")
+    if student_logprobs is None:
+        raise ValueError(f"method {method!r} needs student_logprobs")
+    _check_logprobs("student_logprobs", student_logprobs, mask, (batch, length))
+    _check_logprobs("teacher_logprobs", teacher_logprobs, mask & has_teacher[:, None], (batch, length))
+    gate = has_teacher
+    if spec.weight_on == "correct":
+        gate = gate & is_correct(rewards.detach(), success_threshold)
+    return mask, gate
 
 
 def _check_mask(response_mask: torch.Tensor) -> torch.Tensor:

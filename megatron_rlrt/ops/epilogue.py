@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron_rlrt.algorithms.methods import SUCCESS_THRESHOLD, get_method, is_correct
-from megatron_rlrt.algorithms.token_advantages import _check_logprobs, _check_mask, _check_shape, token_advantages
+from megatron_rlrt.algorithms.methods import SUCCESS_THRESHOLD, get_method
+from megatron_rlrt.algorithms.token_advantages import token_advantages, weighting_gate
 from megatron_rlrt.algorithms.token_weights import rlrt_weight, rlsd_weight
 from megatron_rlrt.ops import dispatch as _backend
 from megatron_rlrt.ops import reference
@@ -38,30 +38,14 @@ def rlrt_epilogue(
 
     Arguments as ``megatron_rlrt.algorithms.token_advantages``; log-probs are detached.
     """
-    spec = get_method(method)
+    args = (method, seq_advantages, rewards, student_logprobs, teacher_logprobs, response_mask, lam, eps_w,
+            has_teacher, success_threshold)
     kernels = _backend.kernels_for(student_logprobs) if student_logprobs is not None else reference
-    inverse = _KERNEL_WEIGHTS.get(spec.token_weight)
-    if kernels is reference or inverse is None or (has_teacher is not None and not bool(has_teacher.any())):
-        return token_advantages(method, seq_advantages, rewards, student_logprobs, teacher_logprobs,
-                                response_mask, lam, eps_w, has_teacher, success_threshold)
-    mask = _check_mask(response_mask)
-    batch, length = mask.shape
-    _check_shape("seq_advantages", seq_advantages, (batch,))
-    _check_shape("rewards", rewards, (batch,))
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
-    if eps_w < 0:
-        raise ValueError(f"eps_w must be >= 0, got {eps_w}")
-    if has_teacher is None:
-        has_teacher = torch.ones(batch, dtype=torch.bool, device=mask.device)
-    _check_shape("has_teacher", has_teacher, (batch,))
-    has_teacher = has_teacher.bool()
-    if teacher_logprobs is None:
-        raise ValueError(f"method {method!r} needs teacher_logprobs for the rows with has_teacher True")
-    _check_logprobs("student_logprobs", student_logprobs, mask, (batch, length))
-    _check_logprobs("teacher_logprobs", teacher_logprobs, mask & has_teacher[:, None], (batch, length))
-    gate = has_teacher
-    if spec.weight_on == "correct":
-        gate = gate & is_correct(rewards.detach(), success_threshold)
+    inverse = _KERNEL_WEIGHTS.get(get_method(method).token_weight)
+    if kernels is reference or inverse is None:
+        return token_advantages(*args)
+    mask, gate = weighting_gate(*args)
+    if gate is None:  # no row is weighted: A_t = A
+        return token_advantages(*args)
     return kernels.epilogue(student_logprobs.detach(), teacher_logprobs.detach(), seq_advantages.detach(),
                             gate, mask, float(lam), float(eps_w), inverse)

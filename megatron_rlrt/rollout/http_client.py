@@ -100,6 +100,15 @@ class Endpoint:
         return f"engine {self.index} {self.url}: {state}"
 
 
+def raise_for_status(status: int, text: str) -> None:
+    """Classify an engine's HTTP answer: 5xx and the retryable 4xx codes -> RetryableResponse,
+    other 4xx -> FatalResponse, else nothing."""
+    if status >= 500 or status in _RETRYABLE_STATUS:
+        raise RetryableResponse(f"HTTP {status}: {text[:300]}")
+    if status >= 400:
+        raise FatalResponse(f"HTTP {status}: {text[:1000]}")
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     return isinstance(
         exc,

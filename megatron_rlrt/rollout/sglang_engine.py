@@ -213,10 +213,7 @@ class SGLangEngine(ServerEngineBase):
         body = self._generate_body(index, prompt, n, params)
         async with session.post(endpoint.url + sp.path("generate"), json=body) as resp:
             text = await resp.text()
-            if resp.status >= 500 or resp.status in (408, 429):
-                raise hc.RetryableResponse(f"HTTP {resp.status}: {text[:300]}")
-            if resp.status >= 400:
-                raise hc.FatalResponse(f"HTTP {resp.status}: {text[:1000]}")
+            hc.raise_for_status(resp.status, text)
             try:
                 samples = sp.parse_generate_response(hc._json_or_text(text), n, index, endpoint.url)
             except (ValueError, KeyError, TypeError, IndexError) as exc:

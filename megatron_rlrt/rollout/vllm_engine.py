@@ -189,10 +189,7 @@ class VLLMEngine(ServerEngineBase):
         body = completion_request(self._model_name, prompt, n, params, seed=self._sample_seed(index, n, params))
         async with session.post(endpoint.url + "/v1/completions", json=body) as resp:
             text = await resp.text()
-            if resp.status >= 500 or resp.status in (408, 429):
-                raise hc.RetryableResponse(f"HTTP {resp.status}: {text[:300]}")
-            if resp.status >= 400:
-                raise hc.FatalResponse(f"HTTP {resp.status}: {text[:1000]}")
+            hc.raise_for_status(resp.status, text)
             try:
                 return parse_completion(await resp.json(content_type=None), n, index, endpoint.url)
             except (ValueError, KeyError, TypeError) as exc:

@@ -8,7 +8,7 @@ this data-parallel rank's share of each mini-batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,7 +59,8 @@ def dp_shard(samples: list[Sample], dp_rank: int, dp_size: int) -> list[Sample]:
     return [s for s in samples if owner[s.index] == dp_rank]
 
 
-def padded(values: list[list[float]], width: int, dtype=torch.float32) -> torch.Tensor:
+def padded(values: Sequence[Sequence[float] | torch.Tensor], width: int, dtype=torch.float32) -> torch.Tensor:
+    """[len(values), width] with each row's values first and zeros after (lists or 1-D tensors)."""
     out = torch.zeros((len(values), width), dtype=dtype)
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.as_tensor(v, dtype=dtype)

@@ -46,7 +46,7 @@ from megatron_rlrt.config import Config
 from megatron_rlrt.eval.metrics import summarize
 from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model, load_model_checkpoint, spec_of_checkpoint
 from megatron_rlrt.models.hf_checkpoint import load_hf_weights
-from megatron_rlrt.models.qwen3 import Qwen3Spec, build_model, transformer_config
+from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec, build_model, transformer_config
 from megatron_rlrt.ops import rlrt_epilogue
 from megatron_rlrt.rollout.base import RolloutError, SamplingParams
 from megatron_rlrt.rollout.weight_sync import sync_weights
@@ -133,6 +133,7 @@ class Trainer:
 
     def _restore(self):
         path = None if self.cfg.no_auto_resume else ckpt.latest_checkpoint(self.cfg.save)
+        self.resumed_from = path
         if path is None:
             self.loader_state = None
             return 0, None
@@ -142,8 +143,9 @@ class Trainer:
         return int(state["step"]), rng
 
     def _needs_initial_weights(self) -> bool:
-        separate_teacher = self.method.needs_teacher and self.cfg.teacher_weights != "current"
-        return self.cfg.kl_coef > 0 or separate_teacher
+        """The reference policy and the 'initial' teacher are the starting weights; an EMA
+        teacher starts from them too, but only a fresh run needs them (a resumed one loads it)."""
+        return self.cfg.kl_coef > 0 or (self.method.needs_teacher and self.cfg.teacher_weights == "initial")
 
     def _init_teacher(self) -> WeightSnapshot | None:
         """Teacher weights for --teacher-weights initial|ema (None: the current policy, eq. 1)."""
@@ -152,13 +154,13 @@ class Trainer:
             return None
         if cfg.teacher_weights == "initial":
             return self.initial_weights
-        resumed = None if cfg.no_auto_resume else ckpt.latest_checkpoint(cfg.save)
-        if resumed is None:
-            return self.initial_weights.copy()
-        ema_dir = os.path.join(resumed, ckpt.TEACHER_EMA_DIR)
+        if self.resumed_from is None:  # a fresh run: the model holds the starting weights
+            return WeightSnapshot.of(self.chunks)
+        ema_dir = os.path.join(self.resumed_from, ckpt.TEACHER_EMA_DIR)
         if not os.path.isdir(ema_dir):
-            raise RuntimeError(f"--teacher-weights ema: the checkpoint {resumed} has no {ckpt.TEACHER_EMA_DIR}/ (it "
-                               "was saved by a run with another teacher); resume with the same --teacher-weights")
+            raise CheckpointError(f"--teacher-weights ema: the checkpoint {self.resumed_from} has no "
+                                  f"{ckpt.TEACHER_EMA_DIR}/ (it was saved by a run with another teacher); resume "
+                                  "with the same --teacher-weights")
         return WeightSnapshot.load(self.chunks, ema_dir)
 
     def _build_rank0_services(self, rng):
@@ -356,24 +358,31 @@ class Trainer:
         policy), then reference log-probs of the student rows when the KL term is on."""
         cfg = self.cfg
         budget = cfg.max_tokens_per_gpu if cfg.use_dynamic_batch_size else None
+        log_probs_only = replace(self.opts, topk=0, with_entropy=False)
+        students = [replace(s, teacher_prompt_ids=None) for s in samples]
 
-        def students_only(opts):
-            return collect(self.chunks, [replace(s, teacher_prompt_ids=None) for s in samples], opts,
-                           cfg.micro_batch_size, budget)
+        def run(rows, opts, weights=None):
+            if weights is None:
+                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget)
+            with weights.swapped_in(self.chunks):
+                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget)
 
-        if self.teacher is None:
-            out = collect(self.chunks, samples, self.opts, cfg.micro_batch_size, budget)
-        else:  # a different teacher: students with the current weights, teachers with the teacher's
-            out = students_only(self.opts)
-            teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
-                        for s in samples if s.has_teacher]
-            if teachers:
-                with self.teacher.swapped_in(self.chunks):
-                    t_out = collect(self.chunks, teachers, replace(self.opts, topk=0), cfg.micro_batch_size, budget)
-                out.teacher_logprobs = t_out.student_logprobs
+        if self.teacher is None:  # the current-policy teacher shares the old-policy pass (eq. 1)
+            return self._with_reference(run(samples, self.opts), run, students, log_probs_only)
+        out = run(students, self.opts)
+        if self.teacher is self.reference:  # both the starting weights: one pass for both row kinds
+            both = run(samples, log_probs_only, self.reference)
+            out.teacher_logprobs, out.ref_logprobs = both.teacher_logprobs, both.student_logprobs
+            return out
+        teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
+                    for s in samples if s.has_teacher]
+        if teachers:
+            out.teacher_logprobs = run(teachers, log_probs_only, self.teacher).student_logprobs
+        return self._with_reference(out, run, students, log_probs_only)
+
+    def _with_reference(self, out, run, students, opts):
         if self.reference is not None:
-            with self.reference.swapped_in(self.chunks):
-                out.ref_logprobs = students_only(replace(self.opts, topk=0, with_entropy=False)).student_logprobs
+            out.ref_logprobs = run(students, opts, self.reference).student_logprobs
         return out
 
     def _per_sample_inputs(self, samples, collected, lam: float, pieces: dict) -> dict:
@@ -387,9 +396,9 @@ class Trainer:
                                     for s in samples])
         s_lp = t_lp = None
         if collected is not None:
-            s_lp = padded([collected.student_logprobs[s.index].tolist() for s in samples], width)
+            s_lp = padded([collected.student_logprobs[s.index] for s in samples], width)
             if bool(has_teacher.any()):
-                t_lp = padded([collected.teacher_logprobs[s.index].tolist() if h else [] for s, h in
+                t_lp = padded([collected.teacher_logprobs[s.index] if h else [] for s, h in
                                zip(samples, has_teacher.tolist())], width)
         # eq. 6-7 in one fused pass (C++/CUDA; identical to algorithms.token_advantages)
         tok_adv = rlrt_epilogue(s_lp, t_lp, adv, rewards, mask, lam, cfg.rlrt_clip_eps, cfg.advantage_estimator,
@@ -462,9 +471,8 @@ class Trainer:
             width = mask.shape[1]
             dev = cols.device
 
-            def stack(key, default=None):
-                return padded([(per_sample[i].get(key) if per_sample[i].get(key) is not None else default).tolist()
-                               for i in rows], width).to(dev)
+            def stack(key):
+                return padded([per_sample[i][key] for i in rows], width).to(dev)
 
             logp = vals[..., 0]
             entropy = vals[..., 1] if self.opts.with_entropy else None

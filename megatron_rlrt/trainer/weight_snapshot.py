@@ -27,12 +27,8 @@ class WeightSnapshot:
 
     @classmethod
     def of(cls, chunks) -> "WeightSnapshot":
-        pin = torch.cuda.is_available()
-        return cls([p.detach().to("cpu", copy=True).pin_memory() if pin else p.detach().to("cpu", copy=True)
-                    for p in _params(chunks)])
-
-    def copy(self) -> "WeightSnapshot":
-        return WeightSnapshot([t.clone() for t in self.tensors])
+        pin = torch.cuda.is_available()  # pinned: the swaps copy host -> GPU asynchronously
+        return cls([torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p.detach()) for p in _params(chunks)])
 
     @contextmanager
     def swapped_in(self, chunks):

@@ -267,11 +267,7 @@ void grad_cpu(const at::Tensor& logits, const at::Tensor& targets_in, const at::
 at::Tensor epilogue_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& adv_in,
                         const at::Tensor& gate_in, const at::Tensor& mask_in, double lam, double eps_w,
                         bool inverse) {
-  const at::Tensor student = student_in.to(at::kFloat).contiguous();
-  const at::Tensor teacher = teacher_in.to(at::kFloat).contiguous();
-  const at::Tensor adv = adv_in.to(at::kFloat).contiguous();
-  const at::Tensor gate = gate_in.to(at::kBool).contiguous();
-  const at::Tensor mask = mask_in.to(at::kBool).contiguous();
+  const auto [student, teacher, adv, gate, mask] = epilogue_inputs(student_in, teacher_in, adv_in, gate_in, mask_in);
   const int64_t B = student.size(0), T = student.size(1);
   at::Tensor out = at::empty({B, T}, student.options());
   const float lo = static_cast<float>(1.0 - eps_w), hi = static_cast<float>(1.0 + eps_w);

@@ -306,11 +306,7 @@ at::Tensor epilogue_cuda(const at::Tensor& student_in, const at::Tensor& teacher
                          const at::Tensor& gate_in, const at::Tensor& mask_in, double lam, double eps_w,
                          bool inverse) {
   const c10::cuda::CUDAGuard guard(student_in.device());
-  const at::Tensor student = student_in.to(at::kFloat).contiguous();
-  const at::Tensor teacher = teacher_in.to(at::kFloat).contiguous();
-  const at::Tensor adv = adv_in.to(at::kFloat).contiguous();
-  const at::Tensor gate = gate_in.to(at::kBool).contiguous();
-  const at::Tensor mask = mask_in.to(at::kBool).contiguous();
+  const auto [student, teacher, adv, gate, mask] = epilogue_inputs(student_in, teacher_in, adv_in, gate_in, mask_in);
   const int64_t B = student.size(0), T = student.size(1);
   at::Tensor out = at::empty({B, T}, student.options());
   if (B * T == 0) return out;

@@ -73,6 +73,17 @@ inline GradInputs grad_inputs(const at::Tensor& logits, const at::Tensor& target
   return in;
 }
 
+// The epilogue's inputs as contiguous float32 [B, T] log-probs, [B] advantages, bool gate and mask.
+struct EpilogueInputs {
+  at::Tensor student, teacher, adv, gate, mask;
+};
+
+inline EpilogueInputs epilogue_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& adv,
+                                      const at::Tensor& gate, const at::Tensor& mask) {
+  return {student.to(at::kFloat).contiguous(), teacher.to(at::kFloat).contiguous(), adv.to(at::kFloat).contiguous(),
+          gate.to(at::kBool).contiguous(), mask.to(at::kBool).contiguous()};
+}
+
 // CPU kernels (logprobs_cpu.cpp)
 at::Tensor stats_cpu(const at::Tensor& logits, const at::Tensor& local_targets, double inv_temp,
                      bool with_entropy);

@@ -7,7 +7,9 @@ results travel back as JSON written by rank 0.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 from contextlib import contextmanager
 
 import torch
@@ -25,15 +27,49 @@ def cpp_backend() -> dispatch.BackendInfo:
     return dispatch.BackendInfo("cpp", f"test build ({seconds:.0f} s, {build_dir})", module)
 
 
+CUDA_EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_emu_backend() -> dispatch.BackendInfo:
+    """The CUDA kernels of csrc/logprobs_cuda_kernels.cuh run on CPU tensors under the emulation of
+    the CUDA thread model in tests/cuda_emu/ (built on first use, cached on disk by source hash)."""
+    from torch.utils import cpp_extension
+
+    source = os.path.join(CUDA_EMU_DIR, "emulated_kernels.cpp")
+    inputs = [source, os.path.join(CUDA_EMU_DIR, "cuda_emu.h")] + [os.path.join(build.CSRC_DIR, h) for h in build.HEADERS]
+    key = hashlib.sha256(b"".join(open(p, "rb").read() for p in inputs) + torch.__version__.encode()).hexdigest()[:12]
+    name = f"rlrt_cuda_emu_{key}"
+    build_dir = os.path.join(build.build_dir_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    with build.ninja_on_path():
+        module = cpp_extension.load(name=name, sources=[source], extra_cflags=["-O2", "-ffp-contract=off"],
+                                    extra_include_paths=[build.CSRC_DIR, CUDA_EMU_DIR], build_directory=build_dir)
+    return dispatch.BackendInfo("cuda", "CUDA kernels under the CPU emulation (tests/cuda_emu)", module)
+
+
 def backend_info(name: str) -> dispatch.BackendInfo:
     if name == "torch":
         return dispatch.BackendInfo("torch", "tests")
+    if name == "cuda_emu":
+        return cuda_emu_backend()
     return cpp_backend()
+
+
+def ops_impl(name: str) -> None:
+    """Build (or load) the named implementation for a test; skip only where no compiler exists."""
+    if name in ("cpp", "cuda_emu"):
+        problem = build.compiler_problem()
+        if problem:
+            import pytest
+
+            pytest.skip(f"no C++ build possible here: {problem}")
+        backend_info(name)  # a failed build fails the test
 
 
 @contextmanager
 def using(name: str):
-    """Run the ops with the named implementation ("cpp" or "torch")."""
+    """Run the ops with the named implementation ("cpp", "cuda_emu" or "torch")."""
     saved = dispatch._INFO
     dispatch._INFO = backend_info(name)
     try:
@@ -97,7 +133,7 @@ def _maxreldiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tp_logprobs_rank(tp: int, out_path: str) -> None:
-    """At TP=tp: ours (cpp and torch backends) vs megatron-core's vocab_parallel_cross_entropy
+    """At TP=tp: ours (cpp, cuda_emu and torch backends) vs megatron-core's vocab_parallel_cross_entropy
     vs the float64 full-vocab reference; values, gradients, collectives; the fused-linear path."""
     parallel.initialize(parallel.ParallelLayout(tensor_model_parallel_size=tp))  # CPU adaptation first
     from megatron.core import parallel_state
@@ -132,7 +168,7 @@ def tp_logprobs_rank(tp: int, out_path: str) -> None:
     results["megatron_vs_ref64"] = _maxreldiff(-meg_loss.detach(), ref1_lp.detach())
     results["megatron_grad_vs_ref64"] = _maxdiff(meg_grad, ref1_grad)
 
-    for impl in ("cpp", "torch"):
+    for impl in ("cpp", "cuda_emu", "torch"):
         with using(impl):
             x = shard.clone().requires_grad_()
             with CollectiveCounter() as fwd_calls:

@@ -1,4 +1,4 @@
-"""megatron_rlrt.ops.rlrt_epilogue (C++ kernel and torch path) == megatron_rlrt.algorithms.token_advantages."""
+"""megatron_rlrt.ops.rlrt_epilogue (C++ kernel, CUDA kernel under the CPU emulation, torch path) == megatron_rlrt.algorithms.token_advantages."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from megatron_rlrt.algorithms import token_advantages
-from megatron_rlrt.ops import build, rlrt_epilogue
-from tests.dist_helpers_ops import cpp_backend, using
+from megatron_rlrt.ops import rlrt_epilogue
+from tests.dist_helpers_ops import ops_impl, using
 
 
-@pytest.fixture(params=["cpp", "torch"])
+@pytest.fixture(params=["cpp", "cuda_emu", "torch"])
 def impl(request):
-    if request.param == "cpp":
-        if build.compiler_problem():
-            pytest.skip(f"no C++ build possible here: {build.compiler_problem()}")
-        cpp_backend()
+    ops_impl(request.param)
     with using(request.param):
         yield request.param
 

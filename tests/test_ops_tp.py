@@ -1,5 +1,6 @@
 """megatron_rlrt.ops at TP=2 on gloo: against megatron-core's vocab_parallel_cross_entropy and the
-float64 full-vocabulary reference, with one collective in forward and none in backward."""
+float64 full-vocabulary reference (C++ kernels, CUDA kernels under the CPU emulation, torch),
+with one collective in forward and none in backward."""
 
 import json
 
@@ -7,14 +8,16 @@ import pytest
 
 from megatron_rlrt import parallel
 from megatron_rlrt.ops import build
-from tests.dist_helpers_ops import cpp_backend, tp_logprobs_rank
+from tests.dist_helpers_ops import cpp_backend, cuda_emu_backend, tp_logprobs_rank
 
 
 @pytest.fixture(scope="module")
 def built():
     if build.compiler_problem():
         pytest.skip(f"no C++ build possible here: {build.compiler_problem()}")
-    cpp_backend()  # build in this process first, so the two ranks only load the cached build
+    # build in this process first, so the two ranks only load the cached builds
+    cpp_backend()
+    cuda_emu_backend()
 
 
 def test_tp2_vs_megatron_and_float64(built, tmp_path):
@@ -23,7 +26,7 @@ def test_tp2_vs_megatron_and_float64(built, tmp_path):
     r = json.loads(out.read_text())
     # megatron itself against float64: the yardstick for "same accuracy"
     assert r["megatron_vs_ref64"] < 1e-6 and r["megatron_grad_vs_ref64"] < 1e-6
-    for impl in ("cpp", "torch"):
+    for impl in ("cpp", "cuda_emu", "torch"):  # cuda_emu: the CUDA kernels under the CPU emulation
         m = r[impl]
         assert len(m["fwd_collectives"]) == 1 and m["fwd_collectives"][0].startswith("all_gather_"), m
         assert m["bwd_collectives"] == [], m["bwd_collectives"]

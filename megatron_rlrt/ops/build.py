@@ -17,6 +17,7 @@ e.g. ``AVX2`` when a wheel must run on older x86 CPUs).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -43,7 +44,7 @@ def _find_csrc() -> str:
 CSRC_DIR = _find_csrc()
 CPU_SOURCES = ("bindings.cpp", "logprobs_cpu.cpp")
 CUDA_SOURCES = ("logprobs_cuda.cu",)
-HEADERS = ("rlrt_ops.h",)
+HEADERS = ("rlrt_ops.h", "logprobs_cuda_kernels.cuh")
 # Architectures for ahead-of-time CUDA builds (A100, H100/H200) plus PTX for newer GPUs.
 CUDA_ARCH_FLAGS = (
     "-gencode=arch=compute_80,code=sm_80",
@@ -180,14 +181,8 @@ def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float
     name = f"{EXT_NAME}_{'cuda' if with_cuda else 'cpu'}_{capability.lower()}_{key}"
     build_dir = os.path.join(build_dir_root(), name)
     os.makedirs(build_dir, exist_ok=True)
-    ninja = _find_ninja()
-    old_path = os.environ.get("PATH", "")
-    ninja_dir = os.path.dirname(ninja) if ninja else None
-    if ninja_dir and shutil.which("ninja") is None:
-        os.environ["PATH"] = ninja_dir + os.pathsep + old_path
-    os.environ.setdefault("MAX_JOBS", "2")
     start = time.perf_counter()
-    try:
+    with ninja_on_path():
         module = cpp_extension.load(
             name=name,
             sources=source_paths(with_cuda),
@@ -198,9 +193,21 @@ def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float
             with_cuda=with_cuda,
             verbose=verbose,
         )
+    return module, time.perf_counter() - start, build_dir
+
+
+@contextlib.contextmanager
+def ninja_on_path():
+    """torch.utils.cpp_extension runs ``ninja`` from PATH; the pip package's binary may not be on it."""
+    ninja = _find_ninja()
+    old_path = os.environ.get("PATH", "")
+    if ninja and shutil.which("ninja") is None:
+        os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + old_path
+    os.environ.setdefault("MAX_JOBS", "2")
+    try:
+        yield
     finally:
         os.environ["PATH"] = old_path
-    return module, time.perf_counter() - start, build_dir
 
 
 def extension_for_setup():

@@ -238,7 +238,10 @@ def nvcc_compile_check(out_dir: str, arch_flags=CUDA_ARCH_FLAGS, timeout: float 
     """Compile csrc/logprobs_cuda.cu to an object with nvcc (no GPU, no link): a CI check that the
     CUDA sources build for sm_80/sm_90. Works against a CPU-only torch: its wheel lacks one
     generated header (c10/cuda/impl/cuda_cmake_macros.h), for which a one-line stand-in is put
-    in ``out_dir``. Returns the seconds taken; raises RuntimeError with nvcc's output on failure.
+    in ``out_dir``. Also leaves in ``out_dir`` the PTX of each architecture (``*.ptx``) and
+    ptxas's resource report (``ptxas.log``: registers, spills per kernel), read by
+    :func:`ptx_global_memory_ops` and :func:`ptxas_spills`. Returns the seconds taken; raises
+    RuntimeError with nvcc's output on failure.
     """
     import subprocess
     import sysconfig
@@ -261,12 +264,44 @@ def nvcc_compile_check(out_dir: str, arch_flags=CUDA_ARCH_FLAGS, timeout: float 
         includes += ["-isystem", p]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     cmd = [nvcc, "-c", os.path.join(CSRC_DIR, CUDA_SOURCES[0]), "-o", os.path.join(out_dir, "logprobs_cuda.o"),
-           "-std=c++20", "-Xcompiler", "-fPIC", abi, *nvcc_flags(arch_flags), *includes]
+           "-std=c++20", "-Xcompiler", "-fPIC", abi, *nvcc_flags(arch_flags), *includes,
+           "-Xptxas", "-v", "--keep", f"--keep-dir={out_dir}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    with open(os.path.join(out_dir, "ptxas.log"), "w") as f:
+        f.write(proc.stderr)
     return time.perf_counter() - start
+
+
+def ptx_global_memory_ops(ptx: str) -> dict[str, dict[str, int]]:
+    """{kernel entry: {global load/store instruction: count}} of a PTX file, e.g. to check that
+    a kernel moves 128-bit vectors (``ld.global.nc.v4.u32``) where it should."""
+    import collections
+    import re
+
+    found = {}
+    for body in re.split(r"\n\.visible \.entry ", ptx)[1:]:
+        name = body.split("(", 1)[0].strip()
+        found[name] = dict(collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", body)))
+    return found
+
+
+def ptxas_spills(log: str) -> dict[str, tuple[int, int]]:
+    """{kernel: (spill store bytes, spill load bytes)} from ``ptxas -v`` output (every arch)."""
+    import re
+
+    spills, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            old = spills.get(current, (0, 0))
+            spills[current] = (max(old[0], int(m.group(1))), max(old[1], int(m.group(2))))
+    return spills
 
 
 def nvcc_check_key(arch_flags=CUDA_ARCH_FLAGS) -> str:

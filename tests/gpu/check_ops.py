@@ -107,14 +107,19 @@ def _values():
                 g_lp, g_ent = torch.randn(48, device=DEV), torch.randn(48, device=DEV)
                 grad = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), x)[0]
                 rlp, rent = ref64(logits, targets, temp)
-                rgrad = ref64_grad(logits[:8], targets[:8], g_lp[:8], g_ent[:8], temp)
+                # the reference gradient rounded to the logits dtype, as the kernels write it
+                rgrad = ref64_grad(logits[:8], targets[:8], g_lp[:8], g_ent[:8], temp).to(dtype).double()
                 assert bool((lp <= 0).all()) and bool((ent >= 0).all())
                 d_lp = (lp.double() - rlp).abs().max().item()
                 d_ent = (ent.double() - rent).abs().max().item()
-                d_g_abs = (grad[:8].double() - rgrad).abs().max().item()
+                # the CPU suite's tolerance (tests/test_ops_logprobs.py): |d| <= atol + rtol |ref|; the
+                # entropy term's c (l + H) cancels terms of ~|c| log V, so a pure atol would be too tight
+                atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-4, 2 ** -7)
+                d_g = grad[:8].double() - rgrad
+                d_g_excess = (d_g.abs() - rtol * rgrad.abs()).max().item()
                 assert d_lp < 2e-5 and d_ent < 2e-5, (vocab, dtype, temp, d_lp, d_ent)
-                assert d_g_abs < (1e-6 if dtype == torch.float32 else 1e-3), (vocab, dtype, temp, d_g_abs)
-                worst[f"{vocab}/{str(dtype)[6:]}/T{temp}"] = dict(lp=d_lp, ent=d_ent, grad_abs=d_g_abs)
+                assert d_g_excess <= atol, (vocab, dtype, temp, d_g_excess)
+                worst[f"{vocab}/{str(dtype)[6:]}/T{temp}"] = dict(lp=d_lp, ent=d_ent, grad_abs=d_g.abs().max().item())
     return worst
 
 

@@ -114,9 +114,13 @@ class Config:
                             choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
     tis_clip: float = _f(2.0, "truncated importance-sampling cap between rollout and trainer log-probs (0: off)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (grpo_eb defaults to 0.001)")
-    kl_coef: float = _f(0.0, "reference-KL coefficient; > 0 keeps the starting weights (host memory) as the "
-                             "reference policy and adds one no-grad pass over the student rows per step")
+    kl_coef: float = _f(0.0, "reference-KL coefficient; > 0 keeps the reference policy (the starting weights, or "
+                             "--ref-load) in host memory and adds one no-grad pass over the student rows per step")
     kl_type: str = _f("k3", "estimator of the reference KL term", choices=("k1", "k3"))
+    ref_load: Optional[str] = _f(None, "reference policy of the KL term (needs --kl-coef > 0) when it is not the "
+                                       "starting weights: a megatron-rlrt checkpoint (tools/convert_hf_to_megatron.py "
+                                       "output or a training iter_N/, any TP/PP) or a Hugging Face Qwen3 directory "
+                                       "of the same architecture")
     distill_topk: int = _f(100, "top-K of the distillation loss (sdpo/srpo/opsd)")
     distill_alpha: float = _f(0.5, "generalized JSD alpha (0: forward KL, 1: reverse KL)")
     distill_coef: float = _f(1.0, "weight of the distillation loss")
@@ -237,6 +241,9 @@ class Config:
 
         need(self.reward in list_rewards(), f"--reward {self.reward!r}: unknown verifier; known: {list_rewards()}")
         need(self.kl_coef >= 0, f"--kl-coef {self.kl_coef} must be >= 0")
+        need(self.ref_load is None or self.kl_coef > 0,
+             f"--ref-load {self.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")
+        need(self.ref_load is None or os.path.isdir(self.ref_load), f"--ref-load {self.ref_load}: no such directory")
         need(0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
         try:
             import torch

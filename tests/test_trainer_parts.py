@@ -96,12 +96,57 @@ def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp
     parallel.spawn(reference_rank, 2, argv, str(out))
     r = json.loads(out.read_text())
     assert r["trained_vs_start"] > 1e-4, "training did not move the policy: the test would prove nothing"
-    assert r["ref_vs_start"] < 1e-5, r  # the reference is the starting model
+    assert r["ref_vs_expected"] < 1e-5, r  # the reference is the starting model
     assert r["back_vs_trained"] == 0.0, r  # and swapping it out restores the policy exactly
     first, second = r["steps"]
     assert abs(first["actor/ref_kl"]) < 1e-9, "policy == reference during the first update: KL must be 0"
     assert second["actor/ref_kl"] > 1e-7, "after an update the k3 estimate of KL(pi || ref) is positive"
     assert second["rlrt/teacher_built"] > 0 and "rlrt/weight_mean" in second
+
+
+@pytest.mark.parametrize("kind", ["hf", "megatron_tp2"])
+def test_ref_load_is_the_reference_policy(tiny_model, arithmetic_data, tmp_path, kind):
+    """--ref-load: another model of the same architecture (a HF directory, or that model converted
+    at another TP) is the KL reference; its logits equal transformers' for that model."""
+    from megatron_rlrt.convert import hf_to_megatron
+    from tests.conftest import TINY_CONFIGS
+    from tests.trainer_helpers import reference_rank
+    from tools.make_tiny_qwen3 import make_tiny_qwen3
+
+    ref_hf = make_tiny_qwen3(str(tmp_path / "ref_hf"), seed=99, **TINY_CONFIGS["tied"])
+    ref_load = ref_hf
+    if kind == "megatron_tp2":
+        ref_load = str(tmp_path / "ref_megatron")
+        hf_to_megatron(ref_hf, ref_load, tp=2)
+    out = tmp_path / "ref.json"
+    argv = _base(tiny_model, arithmetic_data) + ["--advantage-estimator", "grpo", "--kl-coef", "0.5",
+                                                 "--ref-load", ref_load, "--global-batch-size", "8",
+                                                 "--train-iters", "1"]
+    parallel.spawn(reference_rank, 1, argv, str(out), ref_hf)
+    r = json.loads(out.read_text())
+    assert r["expected_vs_start"] > 1e-2, "the reference model must differ from the policy"
+    assert r["ref_vs_expected"] < 1e-4, r  # HF vs Megatron fp32 parity is ~5e-7
+    assert r["back_vs_trained"] == 0.0, r
+    assert r["steps"][0]["actor/ref_kl"] > 1e-4, "policy != reference: KL > 0 from the first update"
+
+
+def test_ref_load_errors(tiny_models, tiny_model, arithmetic_data, tmp_path):
+    from megatron_rlrt.config import ConfigError, parse_config
+    from megatron_rlrt.models.qwen3 import CheckpointError
+    from tests.trainer_helpers import train_rank
+
+    with pytest.raises(ConfigError, match="--ref-load .* set --kl-coef > 0"):
+        parse_config(_base(tiny_model, arithmetic_data) + ["--ref-load", tiny_model]).validate()
+    with pytest.raises(ConfigError, match="--ref-load .*nope: no such directory"):
+        parse_config(_base(tiny_model, arithmetic_data) + ["--kl-coef", "0.1", "--ref-load",
+                                                           str(tmp_path / "nope")]).validate()
+    for bad, message in ((tiny_models["gqa"], "another architecture than the policy's"),
+                         (str(tmp_path), "neither a megatron-rlrt checkpoint")):
+        argv = _base(tiny_model, arithmetic_data) + ["--kl-coef", "0.1", "--ref-load", bad,
+                                                     "--save", str(tmp_path / "run")]
+        with pytest.raises(Exception, match=message) as info:
+            parallel.spawn(train_rank, 1, argv)
+        assert "CheckpointError" in str(info.value) or isinstance(info.value, CheckpointError)
 
 
 def test_ema_teacher_is_checkpointed_and_restored(tiny_model, arithmetic_data, tmp_path):

@@ -200,9 +200,10 @@ def server_engine_rank(argv: list[str], out_path: str) -> None:
     parallel.destroy()
 
 
-def reference_rank(argv: list[str], out_path: str) -> None:
-    """--kl-coef > 0: the reference swapped into the model gives the starting model's logits,
-    and swapping back gives the trained model's logits bit for bit."""
+def reference_rank(argv: list[str], out_path: str, reference_hf: str | None = None) -> None:
+    """--kl-coef > 0: the reference swapped into the model gives the starting model's logits (or,
+    with ``reference_hf``, the logits Hugging Face transformers computes for that model), and
+    swapping back gives the trained model's logits bit for bit."""
     from megatron_rlrt import parallel
     from megatron_rlrt.config import parse_config
     from megatron_rlrt.models.forward import forward_logits
@@ -222,6 +223,13 @@ def reference_rank(argv: list[str], out_path: str) -> None:
 
     try:
         start = logits()
+        expected = start
+        if reference_hf is not None:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(reference_hf, dtype=torch.float32).eval()
+            with torch.no_grad():
+                expected = hf(tokens).logits
         steps = [trainer.step(s) for s in range(trainer.cfg.train_iters)]
         trained = logits()
         with trainer.reference.swapped_in(trainer.chunks):
@@ -229,8 +237,9 @@ def reference_rank(argv: list[str], out_path: str) -> None:
         back = logits()
         if dist.get_rank() == 0:
             with open(out_path, "w") as f:
-                json.dump({"steps": steps, "ref_vs_start": (ref - start).abs().max().item(),
+                json.dump({"steps": steps, "ref_vs_expected": (ref - expected).abs().max().item(),
                            "trained_vs_start": (trained - start).abs().max().item(),
+                           "expected_vs_start": (expected - start).abs().max().item(),
                            "back_vs_trained": (back - trained).abs().max().item()}, f)
     finally:
         trainer.close()

@@ -44,7 +44,12 @@ from megatron_rlrt.algorithms import (
 )
 from megatron_rlrt.config import Config
 from megatron_rlrt.eval.metrics import summarize
-from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model, load_model_checkpoint, spec_of_checkpoint
+from megatron_rlrt.models.megatron_checkpoint import (
+    METADATA,
+    load_hf_into_model,
+    load_model_checkpoint,
+    spec_of_checkpoint,
+)
 from megatron_rlrt.models.hf_checkpoint import load_hf_weights
 from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec, build_model, transformer_config
 from megatron_rlrt.ops import rlrt_epilogue
@@ -77,9 +82,9 @@ class Trainer:
                                  cfg.virtual_pipeline_model_parallel_size)
         self._build_model()
         # the weights the run starts from (HF or --load), before any resume: the reference
-        # policy of the KL term and the --teacher-weights initial teacher
+        # policy of the KL term (unless --ref-load) and the --teacher-weights initial teacher
         self.initial_weights = WeightSnapshot.of(self.chunks) if self._needs_initial_weights() else None
-        self.reference = self.initial_weights if cfg.kl_coef > 0 else None
+        self.reference = self._reference_weights()
         self.lam_schedule = make_lambda_schedule(cfg.rlrt_lambda, cfg.rlrt_lambda_decay_steps)
         self.loss_cfg = PolicyLossConfig(cfg.eps_clip, cfg.eps_clip_high, cfg.eps_clip_c or None, cfg.loss_agg_mode,
                                          cfg.tis_clip or None, cfg.entropy_coef, cfg.kl_coef, cfg.kl_type)
@@ -143,9 +148,36 @@ class Trainer:
         return int(state["step"]), rng
 
     def _needs_initial_weights(self) -> bool:
-        """The reference policy and the 'initial' teacher are the starting weights; an EMA
-        teacher starts from them too, but only a fresh run needs them (a resumed one loads it)."""
-        return self.cfg.kl_coef > 0 or (self.method.needs_teacher and self.cfg.teacher_weights == "initial")
+        """The reference policy (without --ref-load) and the 'initial' teacher are the starting
+        weights; an EMA teacher starts from them too, but only a fresh run needs them (a resumed
+        one loads it)."""
+        return (self.cfg.kl_coef > 0 and not self.cfg.ref_load) or (
+            self.method.needs_teacher and self.cfg.teacher_weights == "initial")
+
+    def _reference_weights(self) -> WeightSnapshot | None:
+        """The KL term's reference policy: the starting weights, or --ref-load (a megatron-rlrt
+        checkpoint or a HF directory of the same architecture) read into this rank's shards."""
+        path = self.cfg.ref_load
+        if self.cfg.kl_coef <= 0:
+            return None
+        if not path:
+            return self.initial_weights
+        if os.path.isfile(os.path.join(path, METADATA)):
+            ref_spec = spec_of_checkpoint(path)
+            load = lambda: load_model_checkpoint(self.chunks, path)  # noqa: E731
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            ref_spec = Qwen3Spec.from_hf_dir(path)
+            load = lambda: load_hf_into_model(self.chunks, self.spec, load_hf_weights(path, self.spec))  # noqa: E731
+        else:
+            raise CheckpointError(f"--ref-load {path}: neither a megatron-rlrt checkpoint ({METADATA}) nor a "
+                                  "Hugging Face model directory (config.json)")
+        differ = {f: (getattr(ref_spec, f), getattr(self.spec, f)) for f in vars(self.spec)
+                  if f != "dtype" and getattr(ref_spec, f) != getattr(self.spec, f)}
+        if differ:
+            raise CheckpointError(f"--ref-load {path}: another architecture than the policy's "
+                                  f"(field: (reference, policy)): {differ}")
+        self._log(f"reference policy of the KL term: {path}")
+        return WeightSnapshot.loaded_by(self.chunks, load)
 
     def _init_teacher(self) -> WeightSnapshot | None:
         """Teacher weights for --teacher-weights initial|ema (None: the current policy, eq. 1)."""

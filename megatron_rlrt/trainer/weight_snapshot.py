@@ -69,12 +69,17 @@ class WeightSnapshot:
 
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no saved weight snapshot")
+        return cls.loaded_by(chunks, lambda: read_model_dir(chunks, directory))
+
+    @classmethod
+    def loaded_by(cls, chunks, load_into_model) -> "WeightSnapshot":
+        """The weights ``load_into_model()`` puts into ``chunks`` (any loader of full checkpoints),
+        taken as a snapshot; the model's own weights are back afterwards, also when loading fails."""
         own = cls.of(chunks)
         try:
-            read_model_dir(chunks, directory)
-            loaded = cls.of(chunks)
+            load_into_model()
+            return cls.of(chunks)
         finally:
             with torch.no_grad():
                 for p, t in zip(_params(chunks), own.tensors):
                     p.copy_(t)
-        return loaded

@@ -6,7 +6,7 @@
 // so runs are deterministic. Blocks run one after another. Warp shuffles exchange values through a
 // per-warp buffer between two warp barriers; __syncthreads_or is a block barrier with an OR. A
 // block whose threads wait at barriers the others never reach (a real GPU would hang) is an error
-// naming the waiting threads.
+// saying how many wait.
 // bf16/fp16 convert through c10::BFloat16 / c10::Half's host code (round to nearest even, as
 // their device code); __fmul_rn & co. are plain float operations (build with -ffp-contract=off).
 // Build with the compiler's default strict aliasing: it is what exposed a type pun in the kernels.
@@ -76,7 +76,7 @@ class Barrier {
 // Runs the blocks of one launch, each as `block` fibers on this host thread.
 class Scheduler {
  public:
-  explicit Scheduler(int block) : block_(block), stacks_(block), warp_barriers_(), block_barrier(block) {
+  explicit Scheduler(int block) : block_barrier(block), block_(block), stacks_(block) {
     for (auto& st : stacks_) st.reset(new char[kStackBytes]);
     for (int w = 0; w < block / 32; ++w) warp_barriers_.emplace_back(std::make_unique<Barrier>(32));
     warp_buffers.resize(block / 32);

@@ -231,9 +231,6 @@ class Config:
         need(self.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
         need(self.rollout_temperature > 0, "--rollout-temperature must be > 0")
         need(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-        need(not (self.advantage_estimator in ("sdpo", "srpo", "opsd") and self.teacher_weights != "current"),
-             f"--teacher-weights {self.teacher_weights} with --advantage-estimator {self.advantage_estimator}: the "
-             "top-K distillation losses support only the current-policy teacher so far")
         need(self.context_parallel_size == 1, "--context-parallel-size > 1: the trainer does not split packed "
              "sequences across context-parallel ranks yet (see README limitations)")
         need(self.distill_topk >= 1, "--distill-topk must be >= 1")

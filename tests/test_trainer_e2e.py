@@ -1,6 +1,7 @@
 """End-to-end RL steps on megatron-core (2 ranks, gloo): every method at TP=2 and at PP=2."""
 
 import json
+import math
 
 import pytest
 
@@ -40,13 +41,18 @@ def test_every_method_trains(tiny_model, arithmetic_data, tmp_path, layout):
 
 
 @pytest.mark.parametrize("weights", ["initial", "ema"])
-def test_rlrt_with_a_separate_teacher(tiny_model, arithmetic_data, tmp_path, weights):
+def test_separate_teacher_weights(tiny_model, arithmetic_data, tmp_path, weights):
+    """RLRT and a top-K distillation baseline with a teacher other than the current policy."""
     out = tmp_path / "teacher.json"
     argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--teacher-weights", weights]
-    parallel.spawn(methods_rank, 2, argv, ["rlrt"], str(out))
-    steps = json.loads(out.read_text())["rlrt"]["metrics"]
+    parallel.spawn(methods_rank, 2, argv, ["rlrt", "sdpo"], str(out))
+    results = json.loads(out.read_text())
+    steps = results["rlrt"]["metrics"]
     assert all(m["actor/grad_norm"] > 0 for m in steps)
     assert steps[-1]["rlrt/teacher_built"] > 0 and "rlrt/weight_mean" in steps[-1]
+    steps = results["sdpo"]["metrics"]
+    assert all(m["actor/grad_norm"] > 0 for m in steps)
+    assert all(math.isfinite(m["loss/distill"]) for m in steps)
 
 
 def test_data_parallel_with_distributed_optimizer_trains_saves_and_resumes(tiny_model, arithmetic_data, tmp_path):

@@ -31,6 +31,20 @@ def test_teacher_logprobs_from_packed_forward_equal_a_teacher_only_forward(tiny_
     assert r["student_teacher_differ"] > 1e-3, "teacher context had no effect: the test would prove nothing"
 
 
+def test_frozen_teacher_for_top_k_distillation(tiny_model, arithmetic_data, tmp_path):
+    from tests.trainer_helpers import frozen_teacher_rank
+
+    out = tmp_path / "frozen.json"
+    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "sdpo",
+                                                 "--teacher-weights", "initial"]
+    parallel.spawn(frozen_teacher_rank, 2, argv, str(out))
+    r = json.loads(out.read_text())
+    assert r["teachers"] > 0 and r["keys_equal"] and r["ids_equal"], r
+    assert r["topk_vs_packed"] < 1e-5 and r["lp_vs_packed"] < 1e-5, r  # same weights, separate pass
+    assert r["current_moved"] > 1e-4, "the update did not move the policy: the test would prove nothing"
+    assert r["later_lp_vs_start"] < 1e-6, r  # the teacher stayed the starting weights
+
+
 def _metrics(run):
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 

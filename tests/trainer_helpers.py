@@ -130,6 +130,45 @@ def teacher_logprobs_rank(argv: list[str], out_path: str) -> None:
     parallel.destroy()
 
 
+def frozen_teacher_rank(argv: list[str], out_path: str) -> None:
+    """--teacher-weights initial with a top-K distillation method: before any update the
+    separate teacher pass equals the packed current-policy teacher pass (same weights, other
+    path); after an update the teacher's values stay those of the starting weights."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.model_step import collect
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    try:
+        batch = trainer._on_rank0(trainer._make_batch, "test batch")
+        samples = batch.samples
+        frozen = trainer._collect(samples)  # the swapped-in starting weights
+        packed = collect(trainer.chunks, samples, trainer.opts, 4, None)  # teacher rows beside the students
+        trainer.step(0)
+        later = trainer._collect(samples)
+        packed_later = collect(trainer.chunks, samples, trainer.opts, 4, None)
+        if trainer.is_last_stage and trainer.ps.get_tensor_model_parallel_rank() == 0:
+            keys = sorted(packed.teacher_logprobs)
+
+            def diff(a, b, ks):
+                return max((a[k] - b[k]).abs().max().item() for k in ks)
+
+            result = {"teachers": len(keys), "keys_equal": sorted(frozen.teacher_logprobs) == keys,
+                      "ids_equal": all(torch.equal(frozen.student_topk_ids[k], packed.student_topk_ids[k])
+                                       for k in frozen.student_topk_ids),
+                      "topk_vs_packed": diff(frozen.teacher_topk_logprobs, packed.teacher_topk_logprobs, keys),
+                      "lp_vs_packed": diff(frozen.teacher_logprobs, packed.teacher_logprobs, keys),
+                      "later_lp_vs_start": diff(later.teacher_logprobs, frozen.teacher_logprobs, keys),
+                      "current_moved": diff(packed_later.teacher_logprobs, packed.teacher_logprobs, keys)}
+            with open(out_path, "w") as f:
+                json.dump(result, f)
+    finally:
+        trainer.close()
+    parallel.destroy()
+
+
 class FlakyEngine:
     """Test engine: the embedded HF engine that raises on its ``fail_on``-th generate call."""
 

@@ -188,14 +188,21 @@ class Collected:
     student_topk_ids: dict[int, torch.Tensor]
     teacher_topk_logprobs: dict[int, torch.Tensor]
     ref_logprobs: dict[int, torch.Tensor] | None = None  # reference policy (--kl-coef > 0)
+    # with collect(topk_ids=...): the student rows' log-probs at those given ids
+    student_topk_logprobs: dict[int, torch.Tensor] | None = None
 
 
 def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_size: int,
-            max_tokens: int | None) -> Collected:
-    """One no-grad packed pass over student + teacher rows (see the module docstring)."""
-    mbs = [build_microbatch(rows, opts) for rows in
+            max_tokens: int | None, topk_ids: dict[int, torch.Tensor] | None = None) -> Collected:
+    """One no-grad packed pass over student + teacher rows (see the module docstring).
+
+    ``topk_ids`` ({sample: [T, K] vocabulary ids}, with ``opts.topk``): score the student rows at
+    these ids instead of their own top-K, into ``student_topk_logprobs`` -- how a teacher with
+    other weights (a separate pass over teacher prompts) is scored at the policy's top-K.
+    """
+    mbs = [build_microbatch(rows, opts, topk_ids) for rows in
            plan_microbatches(samples, True, micro_batch_size, max_tokens)]
-    out = Collected({}, {}, {}, {})
+    out = Collected({}, {}, {}, {}, student_topk_logprobs={} if topk_ids is not None else None)
     k = opts.topk
     col_topk = 1 + int(opts.with_entropy)
 
@@ -210,7 +217,9 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
                 v = values[row, :n].float().cpu()
                 if role == "student":
                     out.student_logprobs[sample] = v[:, 0]
-                    if k:
+                    if k and topk_ids is not None:
+                        out.student_topk_logprobs[sample] = v[:, col_topk : col_topk + k]
+                    elif k:
                         out.student_topk_ids[sample] = v[:, col_topk + k : col_topk + 2 * k].long()
                 else:
                     out.teacher_logprobs[sample] = v[:, 0]

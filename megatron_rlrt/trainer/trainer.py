@@ -393,22 +393,26 @@ class Trainer:
         log_probs_only = replace(self.opts, topk=0, with_entropy=False)
         students = [replace(s, teacher_prompt_ids=None) for s in samples]
 
-        def run(rows, opts, weights=None):
+        def run(rows, opts, weights=None, topk_ids=None):
             if weights is None:
-                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget)
+                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget, topk_ids)
             with weights.swapped_in(self.chunks):
-                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget)
+                return collect(self.chunks, rows, opts, cfg.micro_batch_size, budget, topk_ids)
 
         if self.teacher is None:  # the current-policy teacher shares the old-policy pass (eq. 1)
             return self._with_reference(run(samples, self.opts), run, students, log_probs_only)
         out = run(students, self.opts)
-        if self.teacher is self.reference:  # both the starting weights: one pass for both row kinds
+        distill = bool(self.opts.topk)
+        if self.teacher is self.reference and not distill:  # both the starting weights: one pass for both
             both = run(samples, log_probs_only, self.reference)
             out.teacher_logprobs, out.ref_logprobs = both.teacher_logprobs, both.student_logprobs
             return out
         teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
                     for s in samples if s.has_teacher]
-        if teachers:
+        if teachers and distill:  # the teacher is scored at the policy's top-K ids of each position
+            res = run(teachers, replace(self.opts, with_entropy=False), self.teacher, out.student_topk_ids)
+            out.teacher_logprobs, out.teacher_topk_logprobs = res.student_logprobs, res.student_topk_logprobs
+        elif teachers:
             out.teacher_logprobs = run(teachers, log_probs_only, self.teacher).student_logprobs
         return self._with_reference(out, run, students, log_probs_only)
 

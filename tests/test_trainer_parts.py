@@ -31,12 +31,14 @@ def test_teacher_logprobs_from_packed_forward_equal_a_teacher_only_forward(tiny_
     assert r["student_teacher_differ"] > 1e-3, "teacher context had no effect: the test would prove nothing"
 
 
-def test_frozen_teacher_for_top_k_distillation(tiny_model, arithmetic_data, tmp_path):
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_frozen_teacher_for_top_k_distillation(tiny_model, arithmetic_data, tmp_path, layout):
     from tests.trainer_helpers import frozen_teacher_rank
 
     out = tmp_path / "frozen.json"
-    argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "sdpo",
-                                                 "--teacher-weights", "initial"]
+    argv = _base(tiny_model, arithmetic_data) + layout + ["--advantage-estimator", "sdpo", "--teacher-weights",
+                                                          "initial"]
     parallel.spawn(frozen_teacher_rank, 2, argv, str(out))
     r = json.loads(out.read_text())
     assert r["teachers"] > 0 and r["keys_equal"] and r["ids_equal"], r

@@ -410,11 +410,19 @@ class Trainer:
         teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None)
                     for s in samples if s.has_teacher]
         if teachers and distill:  # the teacher is scored at the policy's top-K ids of each position
-            res = run(teachers, replace(self.opts, with_entropy=False), self.teacher, out.student_topk_ids)
+            ids = self._stage_topk_ids(teachers, lambda i: out.student_topk_ids[i])
+            res = run(teachers, replace(self.opts, with_entropy=False), self.teacher, ids)
             out.teacher_logprobs, out.teacher_topk_logprobs = res.student_logprobs, res.student_topk_logprobs
         elif teachers:
             out.teacher_logprobs = run(teachers, log_probs_only, self.teacher).student_logprobs
         return self._with_reference(out, run, students, log_probs_only)
+
+    def _stage_topk_ids(self, samples, ids_of) -> dict[int, torch.Tensor]:
+        """The top-K ids a pass scores at: ``ids_of(sample index)`` on the last pipeline stage
+        (the only one that has and reads them), same-shaped zeros on the others."""
+        if self.is_last_stage:
+            return {s.index: ids_of(s.index) for s in samples}
+        return {s.index: torch.zeros(len(s.response_ids), self.opts.topk, dtype=torch.long) for s in samples}
 
     def _with_reference(self, out, run, students, opts):
         if self.reference is not None:
@@ -548,10 +556,8 @@ class Trainer:
             return loss, count, report
 
         budget = cfg.max_tokens_per_gpu if cfg.use_dynamic_batch_size else None
-        topk_ids = ({s.index: per_sample[s.index]["topk_ids"] for s in samples}
-                    if self.method.uses_distillation and self.is_last_stage else
-                    ({s.index: torch.zeros(len(s.response_ids), self.opts.topk, dtype=torch.long) for s in samples}
-                     if self.method.uses_distillation else None))
+        topk_ids = (self._stage_topk_ids(samples, lambda i: per_sample[i]["topk_ids"])
+                    if self.method.uses_distillation else None)
         reports = train_minibatch(self.chunks, samples, self.opts, cfg.micro_batch_size, budget, loss_fn, topk_ids)
         for report in reports or []:
             for name, (v, w) in report.items():

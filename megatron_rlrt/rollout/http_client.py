@@ -100,10 +100,15 @@ class Endpoint:
         return f"engine {self.index} {self.url}: {state}"
 
 
+def is_retryable_status(status: int) -> bool:
+    """5xx and the 4xx codes that mean 'try again' (timeout, conflict, too early, rate limit)."""
+    return status >= 500 or status in _RETRYABLE_STATUS
+
+
 def raise_for_status(status: int, text: str) -> None:
-    """Classify an engine's HTTP answer: 5xx and the retryable 4xx codes -> RetryableResponse,
+    """Classify an engine's HTTP answer: retryable (``is_retryable_status``) -> RetryableResponse,
     other 4xx -> FatalResponse, else nothing."""
-    if status >= 500 or status in _RETRYABLE_STATUS:
+    if is_retryable_status(status):
         raise RetryableResponse(f"HTTP {status}: {text[:300]}")
     if status >= 400:
         raise FatalResponse(f"HTTP {status}: {text[:1000]}")
@@ -225,7 +230,7 @@ async def dispatch(
                     except asyncio.TimeoutError:
                         last = f"{endpoint.url}: timed out after {policy.request_timeout_s:.0f}s"
                     except aiohttp.ClientResponseError as exc:
-                        if exc.status < 500 and exc.status not in _RETRYABLE_STATUS:
+                        if not is_retryable_status(exc.status):
                             raise RolloutError(f"{desc}: engine {endpoint.url} refused request {i}: {exc}") from exc
                         last = f"{endpoint.url}: {_short(exc)}"
                     except aiohttp.ClientError as exc:
@@ -297,7 +302,7 @@ async def call(
             async with session.request(method, url, **kwargs) as resp:
                 text = await resp.text()
                 body = _json_or_text(text)
-                if resp.status >= 500 or resp.status in _RETRYABLE_STATUS:
+                if is_retryable_status(resp.status):
                     last = f"HTTP {resp.status}: {text[:500]}"
                 elif resp.status >= 400:
                     return CallResult(url, False, resp.status, body, f"HTTP {resp.status}: {text[:1000]}")

@@ -19,6 +19,12 @@ def _params(chunks) -> list[torch.Tensor]:
     return [p for c in chunks for p in c.parameters()]
 
 
+def _copy_into(params: list[torch.Tensor], tensors: list[torch.Tensor], non_blocking: bool = False) -> None:
+    with torch.no_grad():
+        for p, t in zip(params, tensors):
+            p.copy_(t, non_blocking=non_blocking)
+
+
 class WeightSnapshot:
     """This rank's parameter shards, in host memory (pinned when CUDA is there)."""
 
@@ -37,16 +43,12 @@ class WeightSnapshot:
         params = _params(chunks)
         if len(params) != len(self.tensors):
             raise RuntimeError(f"snapshot holds {len(self.tensors)} tensors, the model has {len(params)} parameters")
-        own = [p.detach().to("cpu", copy=True) for p in params]
+        own = WeightSnapshot.of(chunks)
         try:
-            with torch.no_grad():
-                for p, t in zip(params, self.tensors):
-                    p.copy_(t, non_blocking=True)
+            _copy_into(params, self.tensors, non_blocking=True)
             yield
         finally:
-            with torch.no_grad():
-                for p, t in zip(params, own):
-                    p.copy_(t)
+            _copy_into(params, own.tensors)
 
     def ema_update(self, chunks, rate: float) -> None:
         """theta_T <- (1 - rate) * theta_T + rate * theta (the --teacher-weights ema teacher)."""
@@ -80,6 +82,4 @@ class WeightSnapshot:
             load_into_model()
             return cls.of(chunks)
         finally:
-            with torch.no_grad():
-                for p, t in zip(_params(chunks), own.tensors):
-                    p.copy_(t)
+            _copy_into(_params(chunks), own.tensors)

@@ -42,6 +42,28 @@ class Config:
     no_auto_resume: bool = _f(False, "start from scratch even if --save holds checkpoints (they are kept)")
     bf16: bool = _f(False, "train with bfloat16 parameters (fp32 master weights in the optimizer)")
 
+    # ---- precision: Transformer Engine FP8 (Megatron-LM's flags; megatron_rlrt/precision.py) ----
+    fp8_format: Optional[str] = _f(None, "FP8 GEMMs in the transformer layers (Transformer Engine on a GPU; needs "
+                                         "--bf16): e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients). "
+                                         "Embedding and LM head stay bf16, log-softmax fp32", choices=("e4m3", "hybrid"))
+    fp8_recipe: str = _f("delayed", "FP8 scaling recipe: delayed (amax history), tensorwise (current per-tensor "
+                                    "scaling), blockwise (1x128/128x128 blocks, Hopper+), mxfp8 (Blackwell sm_100)",
+                         choices=("delayed", "tensorwise", "blockwise", "mxfp8"))
+    fp8_margin: int = _f(0, "margin (power of 2) of the FP8 scaling factor")
+    fp8_amax_history_len: int = _f(1, "amax history length of the delayed recipe")
+    fp8_amax_compute_algo: str = _f("most_recent", "amax from the history: most_recent or max (delayed recipe)",
+                                    choices=("most_recent", "max"))
+    fp8_wgrad: bool = _f(True, "weight-gradient GEMMs in FP8 (--no-fp8-wgrad: in bf16)")
+    fp8_param_gather: bool = _f(False, "keep the compute parameters in FP8 and all-gather them in FP8 (needs "
+                                       "--use-distributed-optimizer)")
+    first_last_layers_bf16: bool = _f(False, "keep the first/last transformer layers in bf16 under FP8 (not with "
+                                             "--fp8-recipe delayed)")
+    num_layers_at_start_in_bf16: int = _f(1, "layers at the start kept in bf16 with --first-last-layers-bf16")
+    num_layers_at_end_in_bf16: int = _f(1, "layers at the end kept in bf16 with --first-last-layers-bf16")
+    logprob_precision: str = _f("train", "precision of the no-grad student+teacher log-prob pass: train (the "
+                                         "training precision, so D_t compares identical kernels) or bf16 (FP8 off "
+                                         "for that pass)", choices=("train", "bf16"))
+
     # ---- parallelism -----------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (splits heads, MLP and vocabulary)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (splits layers into stages)")
@@ -185,8 +207,9 @@ class Config:
         return {"peer": "peer", "reference_answer": "answer", "reference_solution": "reference",
                 "none": "peer"}[get_method(self.advantage_estimator).context]
 
-    def validate(self, world_size: int | None = None) -> "Config":
-        """Raise ``ConfigError`` listing every problem, each naming its flags."""
+    def validate(self, world_size: int | None = None, capability=None) -> "Config":
+        """Raise ``ConfigError`` listing every problem, each naming its flags. ``capability``: the
+        machine the FP8 rules check against (``precision.Capability``; default: this one)."""
         problems: list[str] = []
 
         def need(cond, msg):
@@ -252,6 +275,9 @@ class Config:
             need(not self.sequence_parallel, "--sequence-parallel needs GPUs with Transformer Engine")
         need(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        from megatron_rlrt import precision
+
+        problems += precision.check(self, capability)
         problems = [p for p in problems if p]
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

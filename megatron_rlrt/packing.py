@@ -13,6 +13,8 @@ token j of a row starting at s with prompt length P is therefore read at s + P -
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -117,6 +119,13 @@ def batch_rows(
         rows += [PackRow(list(t), list(response_ids[i]), "teacher", i)
                  for i, t in enumerate(teacher_prompt_ids) if t is not None]
     return rows
+
+
+def pad_multiple(*factors: int) -> int:
+    """One packed-length multiple satisfying every requirement (sequence parallelism, context
+    parallelism, FP8 GEMM alignment, ...): their least common multiple; ``pack_rows`` pads to it.
+    E.g. ``pad_multiple(tp, precision.fp8_pad_multiple(opts, shards))``."""
+    return functools.reduce(math.lcm, (max(1, int(f)) for f in factors), 1)
 
 
 def pack_rows(rows: Sequence[PackRow], pad_to_multiple_of: int = 1, pad_token_id: int = 0) -> PackedBatch:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rlrt.platform import setup_megatron
+from megatron_rlrt.precision import Fp8Options, check_layers
 
 QWEN3_ARCHITECTURES = ("Qwen3ForCausalLM",)
 QWEN3_MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
@@ -165,9 +166,14 @@ def transformer_config(
     use_te: bool | None = None,
     perform_initialization: bool = True,
     recompute_granularity: str | None = None,
+    fp8: Fp8Options | None = None,
     **overrides,
 ):
-    """megatron-core TransformerConfig for ``spec`` on the current platform."""
+    """megatron-core TransformerConfig for ``spec`` on the current platform.
+
+    ``fp8``: the run's FP8 flags (``precision.Fp8Options``), already validated against the
+    machine by ``Config.validate``; they only set TransformerConfig fields, so this builds on
+    any machine (megatron-core's own FP8 field checks run here too)."""
     platform = setup_megatron()
     from megatron.core.transformer import TransformerConfig
 
@@ -219,6 +225,9 @@ def transformer_config(
     if not on_gpu and kwargs["sequence_parallel"]:
         raise ValueError("--sequence-parallel needs Transformer Engine norms on a GPU; megatron refuses it "
                          "with the local (CPU) layer spec")
+    if fp8 is not None:
+        check_layers(fp8, spec.num_hidden_layers, pipeline_model_parallel_size)
+        kwargs.update(fp8.transformer_config_kwargs())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -234,6 +243,9 @@ def layer_spec(config, use_te: bool | None = None):
     use_te = platform.has_transformer_engine if use_te is None else use_te
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    if getattr(config, "fp8", None):
+        raise ValueError(f"fp8={config.fp8!r} needs Transformer Engine layers (TE Linear runs the FP8 GEMMs); "
+                         "the local layer spec has none")
     return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 

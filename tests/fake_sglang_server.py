@@ -7,6 +7,22 @@ SGLang's scheduler: update_weights_from_tensor / _from_distributed only inside a
 begin/end_weight_update session; the distributed path really joins the trainer's process group
 (gloo) the way SGLang does and receives the flattened bucket by broadcast.
 
+It also ENFORCES what a real server needs from a colocated trainer (a refusal is HTTP 400 and
+is recorded in ``violations``, so a test can assert that none happened even where the engine
+tolerates one failing server):
+- memory by tag (``weights``, ``kv_cache``; SGLang's memory saver): no /generate unless both are
+  resident; no weight update into released weights; the KV cache is resumed after the weights
+  (slime's order); only what was released can be resumed, nothing released twice;
+- weight updates from tensors / a broadcast only inside begin/end_weight_update; with
+  ``--model-path`` every update must deliver every parameter of that HF checkpoint exactly once
+  with its name, shape and dtype; the fake rebuilds the state dict (``/_fake/dump`` writes it
+  as safetensors for the test to compare with the trainer);
+- ``update_weights_from_tensor`` payloads are unpickled with SGLang's SafeUnpickler allow-list
+  and must hold tensors that live on ``--expect-device`` and were shared (IPC / shared memory),
+  not copied into the request;
+- after a session's update, /generate is refused until /flush_cache (the radix cache holds
+  prefixes computed with the old weights).
+
 Fault switches: --fail-first N (N x HTTP 503 on /generate), --abort-first N (N answers with
 finish_reason abort), --die-after N (the process exits after N /generate answers),
 --reject-generate (HTTP 400), --fail-update (weight updates answer success=false),
@@ -19,6 +35,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import os
 import sys
@@ -26,6 +43,7 @@ import sys
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TAGS = ("weights", "kv_cache")
 API = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sglang_0.5.23_api.json")))
 
 
@@ -40,6 +58,31 @@ def check_fields(body: dict, struct: str, source: str = "io_struct") -> str | No
     return None
 
 
+class SafeUnpickler(__import__("pickle").Unpickler):
+    """SGLang's ``SafeUnpickler``: only the globals of its allow-list may be loaded."""
+
+    ALLOWED = {tuple(x) for x in API["safe_unpickler_allowed_globals"]}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise __import__("pickle").UnpicklingError(f"SGLang would block {module}.{name}")
+        return super().find_class(module, name)
+
+
+def expected_parameters(model_path: str) -> dict:
+    """name -> (shape, dtype) of the HF checkpoint's tensors."""
+    from safetensors import safe_open
+
+    out = {}
+    for fname in sorted(os.listdir(model_path)):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(model_path, fname), "pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    out[name] = (list(t.shape), str(t.dtype).replace("torch.", ""))
+    return out
+
+
 def checksum(tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()
 
@@ -50,13 +93,48 @@ class Fake:
         self.version = args.weight_version
         self.session_open = False
         self.generate_count = 0
-        self.released = False
-        self.weights: dict[str, str] = {}
+        self.released: set[str] = set()  # memory-saver tags currently released
+        self.weights: dict = {}  # the state dict rebuilt from what updates delivered
+        self.session_names: set[str] = set()
+        self.needs_flush = False
+        self.expected = expected_parameters(args.model_path) if args.model_path else None
         self.groups: dict = {}
         self.calls: list[str] = []
+        self.violations: list[str] = []
 
     def bad(self, msg: str, status: int = 400):
+        self.violations.append(msg)
         return web.json_response({"success": False, "message": msg}, status=status)
+
+    def weights_resident(self, what: str):
+        if "weights" in self.released:
+            return self.bad(f"{what} into released weights: resume_memory_occupation(tags=['weights']) first")
+        return None
+
+    def receive(self, name: str, tensor) -> str | None:
+        """Keep one delivered parameter; an error message if it is not what the model expects."""
+        if name in self.session_names:
+            return f"{name} delivered twice in one update"
+        if self.expected is not None:
+            if name not in self.expected:
+                return f"{name} is not a parameter of {self.args.model_path}"
+            shape, dtype = self.expected[name]
+            got = (list(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+            if got != (shape, dtype):
+                return f"{name}: got shape/dtype {got}, the model has {(shape, dtype)}"
+        self.session_names.add(name)
+        self.weights[name] = tensor.detach().clone()
+        return None
+
+    def complete(self) -> str | None:
+        """Every parameter delivered in this update (with --model-path)?"""
+        names, self.session_names = self.session_names, set()
+        if self.expected is None:
+            return None
+        missing = sorted(set(self.expected) - names)
+        if missing:
+            return f"the update delivered {len(names)} of {len(self.expected)} parameters; missing {missing[:5]}"
+        return None
 
     async def health(self, request):
         return web.Response(status=200)
@@ -71,6 +149,13 @@ class Fake:
     async def generate(self, request):
         body = await request.json()
         self.calls.append("generate")
+        if self.released:
+            return self.bad(f"generate while {sorted(self.released)} released: resume_memory_occupation first")
+        if self.session_open:
+            return self.bad("generate during an open weight-update session")
+        if self.needs_flush:
+            return self.bad("generate after a weight update without flush_cache: the radix cache holds "
+                            "prefixes computed with the old weights")
         err = check_fields(body, "GenerateRequest", "api_types") or check_fields(body, "GenerateReqInput")
         sps = body.get("sampling_params")
         for one in sps if isinstance(sps, list) else [sps]:
@@ -112,6 +197,7 @@ class Fake:
 
     async def flush_cache(self, request):
         self.calls.append("flush_cache")
+        self.needs_flush = False
         return web.Response(text="Cache flushed.\n")
 
     async def _struct(self, request, struct):
@@ -124,7 +210,11 @@ class Fake:
         body, err = await self._struct(request, "BeginWeightUpdateReqInput")
         if err or self.session_open:
             return self.bad(err or "a weight-update session is already open")
+        refused = self.weights_resident("begin_weight_update")
+        if refused:
+            return refused
         self.session_open = True
+        self.session_names = set()
         return web.json_response({"success": True, "message": "Success"})
 
     async def end(self, request):
@@ -132,6 +222,10 @@ class Fake:
         if err or not self.session_open:
             return self.bad(err or "no weight-update session is open")
         self.session_open = False
+        self.needs_flush = True
+        incomplete = self.complete()
+        if incomplete:
+            return self.bad(incomplete)
         return web.json_response({"success": True, "message": "Success"})
 
     async def from_tensor(self, request):
@@ -140,11 +234,29 @@ class Fake:
             return self.bad(err)
         if not self.session_open:
             return self.bad("update_weights_from_tensor must run between begin_weight_update() and end_weight_update()")
+        refused = self.weights_resident("update_weights_from_tensor")
+        if refused:
+            return refused
         if len(body["serialized_named_tensors"]) != self.args.tp:
             return self.bad("one serialized payload per TP rank expected")
-        base64.b64decode(body["serialized_named_tensors"][0], validate=True)
         if self.args.fail_update:
             return self.bad("injected failure")
+        try:  # what every engine TP rank does with its entry (weight_updater, load_format flattened_bucket)
+            data = SafeUnpickler(io.BytesIO(base64.b64decode(body["serialized_named_tensors"][0],
+                                                             validate=True))).load()
+        except Exception as exc:  # noqa: BLE001
+            return self.bad(f"cannot open the serialized bucket: {type(exc).__name__}: {exc}")
+        flat = data["flattened_tensor"]
+        if flat.device.type != self.args.expect_device:
+            return self.bad(f"update_weights_from_tensor: tensors on {flat.device}, the engine's device is "
+                            f"{self.args.expect_device}")
+        if not (flat.is_cuda or flat.is_shared()):
+            return self.bad("update_weights_from_tensor: the bucket was copied into the request instead of shared "
+                            "(IPC / shared memory handles expected)")
+        for m in data["metadata"]:
+            err = self.receive(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape))
+            if err:
+                return self.bad(err)
         self.version = body.get("weight_version") or self.version
         return web.json_response({"success": True, "message": "Success"})
 
@@ -173,6 +285,9 @@ class Fake:
         body, err = await self._struct(request, "UpdateWeightsFromDistributedReqInput")
         if err:
             return self.bad(err)
+        refused = self.weights_resident("update_weights_from_distributed")
+        if refused:
+            return refused
         if not self.session_open:
             return self.bad("update_weights_from_distributed must run between begin_weight_update() and "
                             "end_weight_update()")
@@ -191,7 +306,9 @@ class Fake:
         flat = torch.empty(offset, dtype=torch.uint8)
         await asyncio.get_running_loop().run_in_executor(None, lambda: dist.broadcast(flat, src=0, group=group))
         for name, dt, shape, start, end in metas:
-            self.weights[name] = checksum(flat[start:end].view(dt).reshape(shape))
+            err = self.receive(name, flat[start:end].view(dt).reshape(shape))
+            if err:
+                return self.bad(err)
         if self.args.fail_update:
             return self.bad("injected failure")
         self.version = body.get("weight_version") or self.version
@@ -203,13 +320,23 @@ class Fake:
         body, err = await self._struct(request, "UpdateWeightFromDiskReqInput")
         if err:
             return self.bad(err)
+        refused = self.weights_resident("update_weights_from_disk")
+        if refused:
+            return refused
         if self.args.fail_update:
             return self.bad("injected failure")
         path = body["model_path"]
+        self.session_names = set()
         for fname in sorted(os.listdir(path)):
             if fname.endswith(".safetensors"):
                 for name, t in load_file(os.path.join(path, fname)).items():
-                    self.weights[name] = checksum(t)
+                    err = self.receive(name, t)
+                    if err:
+                        return self.bad(err)
+        incomplete = self.complete()
+        if incomplete:
+            return self.bad(incomplete)
+        self.needs_flush = not body.get("flush_cache", True)
         self.version = body.get("weight_version") or self.version
         return web.json_response({"success": True, "message": "Succeeded", "num_paused_requests": 0})
 
@@ -222,17 +349,45 @@ class Fake:
 
     async def release(self, request):
         body, err = await self._struct(request, "ReleaseMemoryOccupationReqInput")
-        self.released = True
-        return web.Response(status=200) if not err else self.bad(err)
+        if err:
+            return self.bad(err)
+        tags = set(body.get("tags") or TAGS)
+        if tags - set(TAGS):
+            return self.bad(f"unknown memory tags {sorted(tags - set(TAGS))}")
+        if not self.args.memory_saver:
+            return self.bad("release_memory_occupation needs a server launched with --enable-memory-saver")
+        if self.session_open:
+            return self.bad("release_memory_occupation during an open weight-update session")
+        if tags & self.released:
+            return self.bad(f"release {sorted(tags & self.released)}: already released")
+        self.released |= tags
+        return web.Response(status=200)
 
     async def resume(self, request):
         body, err = await self._struct(request, "ResumeMemoryOccupationReqInput")
-        self.released = False
-        return web.Response(status=200) if not err else self.bad(err)
+        if err:
+            return self.bad(err)
+        tags = set(body.get("tags") or TAGS)
+        if tags - self.released:
+            return self.bad(f"resume {sorted(tags - self.released)}: not released")
+        if "kv_cache" in tags and "weights" in self.released - tags:
+            return self.bad("resume the weights (and update them) before the KV cache")
+        self.released -= tags
+        return web.Response(status=200)
 
     async def state(self, request):
-        return web.json_response({"calls": self.calls, "weights": self.weights, "version": self.version,
-                                  "released": self.released, "generate_count": self.generate_count})
+        return web.json_response({
+            "calls": self.calls, "weights": {n: checksum(t) for n, t in self.weights.items()},
+            "version": self.version, "released": sorted(self.released), "generate_count": self.generate_count,
+            "violations": self.violations})
+
+    async def dump(self, request):
+        """Write the rebuilt state dict as safetensors to the path in the body."""
+        from safetensors.torch import save_file
+
+        body = await request.json()
+        save_file({n: t.contiguous() for n, t in self.weights.items()}, body["path"])
+        return web.json_response({"tensors": len(self.weights)})
 
 
 def main(argv=None):
@@ -247,6 +402,9 @@ def main(argv=None):
     p.add_argument("--reject-generate", action="store_true")
     p.add_argument("--fail-update", action="store_true")
     p.add_argument("--stale", action="store_true")
+    p.add_argument("--model-path", default=None, help="HF checkpoint: every update must deliver all its tensors")
+    p.add_argument("--expect-device", default="cpu", help="device update_weights_from_tensor tensors must be on")
+    p.add_argument("--enable-memory-saver", dest="memory_saver", action="store_true")
     args = p.parse_args(argv)
     fake = Fake(args)
     app = web.Application(client_max_size=1 << 30)
@@ -260,7 +418,7 @@ def main(argv=None):
         web.post("/update_weights_from_distributed", fake.from_distributed),
         web.post("/update_weights_from_disk", fake.from_disk), web.post("/update_weight_version", fake.set_version),
         web.post("/release_memory_occupation", fake.release), web.post("/resume_memory_occupation", fake.resume),
-        web.get("/_fake/state", fake.state),
+        web.get("/_fake/state", fake.state), web.post("/_fake/dump", fake.dump),
     ])
     for route in ("/generate", "/flush_cache", "/begin_weight_update", "/update_weights_from_tensor",
                   "/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_disk",

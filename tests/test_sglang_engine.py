@@ -222,16 +222,143 @@ def test_stale_engine_is_dropped_from_generation(fakes, tmp_path):
     assert eng2.live_urls() == [a.url]
 
 
-def test_colocated_memory_release_resume_and_tensor_sync_needs_cuda(fakes):
-    (a,) = fakes(())
-    eng = engine([a], colocate=True, weight_sync="tensor")
+def _model_dir(tmp_path, named) -> str:
+    """A 'checkpoint' whose tensors the enforcing fake expects every update to deliver."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    save_file({n: t.contiguous() for n, t in named}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def _violations(*servers) -> list[str]:
+    return [v for s in servers for v in s.state()["violations"]]
+
+
+def test_colocated_step_cycle_in_slimes_order_with_the_tensor_transport(fakes, tmp_path):
+    """release -> resume weights -> update (CPU tensors shared, not copied) -> resume KV cache ->
+    generate -> release, twice, against servers that refuse any other order; the fake rebuilds
+    the state dict from the shared buffers."""
+    from safetensors.torch import load_file
+
+    from megatron_rlrt.rollout.base import KV_CACHE, WEIGHTS
+
+    named = _named_tensors()
+    model = _model_dir(tmp_path, named)
+    a, b = fakes(("--enable-memory-saver", "--model-path", model), ("--enable-memory-saver", "--model-path", model))
+    eng = engine([a, b], colocate=True, weight_sync="auto")
+    assert eng.weight_sync == "tensor" and eng.transport.device == torch.device("cpu")
+    eng.release_memory()  # the trainer's first training phase
+    for version in (1, 2):
+        named = [(n, t + version) for n, t in named]
+        eng.resume_memory([WEIGHTS])
+        eng.update_weights(_bucketed(named, size=2048), version=version)
+        eng.resume_memory([KV_CACHE])
+        out = eng.generate(PROMPTS[:4], 2, PARAMS)
+        assert {s.meta["weight_version"] for g in out for s in g} == {str(version)}
+        eng.release_memory()
+    assert _violations(a, b) == []
+    for s in (a, b):
+        st = s.state()
+        assert st["released"] == [KV_CACHE, WEIGHTS] and st["version"] == "2"
+        assert st["weights"] == _checksums(named)
+        calls = st["calls"]
+        end = len(calls) - 1 - calls[::-1].index("end_weight_update")
+        assert calls.index("flush_cache", end) < calls.index("generate", end)
+        s_path = tmp_path / f"dump_{s.port}.safetensors"
+        req = urllib.request.Request(s.url + "/_fake/dump", data=json.dumps({"path": str(s_path)}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(req, timeout=10).close()
+        rebuilt = load_file(str(s_path))
+        assert sorted(rebuilt) == sorted(n for n, _ in named)
+        for n, t in named:
+            assert rebuilt[n].dtype == t.dtype and torch.equal(rebuilt[n], t), n
+    eng.shutdown()
+
+
+def test_the_fake_enforces_what_a_colocated_server_needs(fakes, tmp_path, monkeypatch):
+    """Each rule broken once: the step fails with the server's refusal."""
+    from megatron_rlrt.rollout import sglang_protocol as sp
+    from megatron_rlrt.rollout.base import KV_CACHE, WEIGHTS
+
+    named = _named_tensors()
+    model = _model_dir(tmp_path, named)
+    flags = ("--enable-memory-saver", "--model-path", model)
+
+    def fresh(*extra):
+        (srv,) = fakes(flags + extra)
+        return srv, engine([srv], colocate=True, weight_sync="tensor", max_attempts=1)
+
+    srv, eng = fresh()
     eng.release_memory()
-    assert a.state()["released"] and a.state()["calls"][-2:] == ["flush_cache", "release_memory_occupation"]
-    eng.resume_memory()
-    assert not a.state()["released"]
-    if not torch.cuda.is_available():
-        with pytest.raises(RolloutError, match="CUDA"):
-            eng.update_weights(_bucketed(_named_tensors()), version=1)
+    with pytest.raises(RolloutError):  # generate with released weights and KV cache
+        eng.generate(PROMPTS[:1], 1, PARAMS)
+    assert "generate while ['kv_cache', 'weights'] released" in _violations(srv)[-1]
+
+    srv, eng = fresh()
+    eng.release_memory()
+    with pytest.raises(RolloutError):  # a weight update into released weights
+        eng.update_weights(_bucketed(named), version=1)
+    assert "into released weights" in _violations(srv)[0]
+
+    srv, eng = fresh()
+    eng.release_memory()
+    with pytest.raises(RolloutError):  # the KV cache before the weights
+        eng.resume_memory([KV_CACHE])
+    assert "before the KV cache" in _violations(srv)[-1]
+
+    srv, eng = fresh()
+    with pytest.raises(RolloutError):  # the trainer never released: nothing to resume
+        eng.resume_memory([WEIGHTS])
+    assert "not released" in _violations(srv)[-1]
+
+    srv, eng = fresh()
+    with pytest.raises(RolloutError):  # a parameter skipped
+        eng.update_weights(_bucketed(named[:-1]), version=1)
+    assert "delivered 3 of 4 parameters" in _violations(srv)[-1]
+
+    srv, eng = fresh()
+    wrong = [(n, t.to(torch.float16) if n == "model.norm.weight" else t) for n, t in named]
+    with pytest.raises(RolloutError):  # a wrong dtype
+        eng.update_weights(_bucketed(wrong), version=1)
+    assert "model.norm.weight: got shape/dtype" in _violations(srv)[-1]
+
+    srv, eng = fresh("--expect-device", "cuda")
+    with pytest.raises(RolloutError):  # CPU tensors to a server whose weights live on the GPU
+        eng.update_weights(_bucketed(named), version=1)
+    assert "tensors on cpu, the engine's device is cuda" in _violations(srv)[-1]
+
+    srv, eng = fresh()
+    eng.transport.device = torch.device("meta")  # tensors not on the transport's device never leave
+    with pytest.raises(RolloutError, match="gather onto the training device"):
+        eng.update_weights(_bucketed(named), version=1)
+
+    srv, eng = fresh()
+
+    def by_value(flat, metadata):  # the bucket's bytes copied into the request, no handle
+        import base64
+        import pickle
+
+        return base64.b64encode(pickle.dumps({"flattened_tensor": flat.clone(), "metadata": list(metadata)})).decode()
+
+    monkeypatch.setattr(sp, "serialize_flattened_bucket", by_value)
+    with pytest.raises(RolloutError):
+        eng.update_weights(_bucketed(named), version=1)
+    # SGLang's SafeUnpickler has no global that rebuilds a tensor from bytes
+    assert "SGLang would block torch.storage._load_from_bytes" in _violations(srv)[-1]
+    monkeypatch.undo()
+
+    srv, eng = fresh()
+    monkeypatch.setattr(eng, "flush_cache", lambda *a, **k: None)  # an update without flush_cache
+    eng.update_weights(_bucketed(named), version=1)
+    with pytest.raises(RolloutError):
+        eng.generate(PROMPTS[:1], 1, PARAMS)
+    assert "without flush_cache" in _violations(srv)[-1]
+
+
+def test_tensor_updates_only_inside_a_session(fakes):
+    (a,) = fakes(())
     # tensor updates outside a begin/end session are refused, as SGLang 0.5.23 does
     import urllib.error
 

@@ -17,6 +17,11 @@ from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 
+# SGLang's memory-saver regions (sglang.srt.constants.GPU_MEMORY_TYPE_WEIGHTS / _KV_CACHE)
+WEIGHTS, KV_CACHE = "weights", "kv_cache"
+MEMORY_TAGS = (WEIGHTS, KV_CACHE)
+
+
 class RolloutError(RuntimeError):
     """The engine could not produce a complete rollout; the training step must not proceed."""
 
@@ -64,11 +69,13 @@ class RolloutEngine(Protocol):
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
         """Load HF-named full tensors (in buckets) and mark the engine as serving ``version``."""
 
-    def release_memory(self) -> None:
-        """Free accelerator memory while the trainer runs (colocated placement)."""
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Free accelerator memory while the trainer runs (colocated placement); ``tags`` a subset
+        of ``MEMORY_TAGS`` (None = all), as SGLang's memory saver names its regions."""
 
-    def resume_memory(self) -> None:
-        """Take the memory back before the next generate."""
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take the memory back before the next update / generate: weights first, the KV cache
+        after the weight update (slime's order: the KV cache is allocated last, unfragmented)."""
 
     def health(self) -> dict:
         """A small status dict; raises RolloutError when the engine is unusable."""

@@ -142,10 +142,10 @@ class HFEngine:
         self.weight_version = version
         logger.debug("hf engine: weights v%d loaded in %.2fs", version, time.perf_counter() - start)
 
-    def release_memory(self) -> None:  # the in-process engine keeps its (small) model resident
+    def release_memory(self, tags=None) -> None:  # the in-process engine keeps its (small) model resident
         pass
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags=None) -> None:
         pass
 
     def health(self) -> dict:

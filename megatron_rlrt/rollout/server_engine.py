@@ -20,7 +20,6 @@ Fault rules (on top of ``http_client``'s per-request rules):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -251,48 +250,15 @@ class ServerEngineBase:
     # --- weights ------------------------------------------------------------------------
 
     def _write_snapshot(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> str:
-        """Write HF-named tensors as a HF checkpoint directory (safetensors shards + the model's
-        config files) that every engine can read; the previous snapshot is removed afterwards by
-        ``_drop_old_snapshots``. Returns the directory."""
-        from safetensors.torch import save_file
+        """A HF checkpoint directory of these tensors (``weight_transport.write_hf_snapshot``)."""
+        from megatron_rlrt.rollout.weight_transport import write_hf_snapshot
 
-        root = self.weight_sync_dir or self._tmpdir("weights")
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"v{version}")
-        tmp = final + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        count, names = 0, set()
-        for i, bucket in enumerate(buckets):
-            tensors = {}
-            for name, tensor in bucket:
-                if name in names:
-                    raise RolloutError(f"weight {name} sent twice in one update")
-                names.add(name)
-                tensors[name] = tensor.detach().to("cpu").contiguous()
-            if tensors:
-                save_file(tensors, os.path.join(tmp, f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
-                count += 1
-        if count == 0:
-            raise RolloutError("weight update with no tensors")
-        if self.model_path and os.path.isdir(self.model_path):
-            for fname in ("config.json", "generation_config.json"):
-                src = os.path.join(self.model_path, fname)
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(tmp, fname))
-        with open(os.path.join(tmp, "megatron_rlrt_weights.json"), "w") as f:
-            json.dump({"version": version, "tensors": len(names)}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+        return write_hf_snapshot(buckets, version, self.weight_sync_dir or self._tmpdir("weights"), self.model_path)
 
     def _drop_old_snapshots(self, keep: str) -> None:
-        root = os.path.dirname(keep)
-        for entry in os.listdir(root):
-            path = os.path.join(root, entry)
-            if path != keep and entry.startswith("v") and os.path.isdir(path) and \
-                    os.path.exists(os.path.join(path, "megatron_rlrt_weights.json")):
-                shutil.rmtree(path, ignore_errors=True)
+        from megatron_rlrt.rollout.weight_transport import drop_old_snapshots
+
+        drop_old_snapshots(keep)
 
     def _check_versions(self, version: int, reported: dict[str, Any]) -> None:
         """Mark engines that report another version than ``version`` dead, then require enough live."""

@@ -5,8 +5,9 @@ read). Every body sent is built in ``sglang_protocol``.
 
 Placement
 - colocated (``colocate=True``): one server per ``rollout_num_gpus_per_engine`` training GPUs of
-  this node, launched with ``--enable-memory-saver``; ``release_memory()`` frees weights and
-  KV cache while the trainer runs, ``resume_memory()`` takes them back.
+  this node, launched with ``--enable-memory-saver``. The trainer drives the memory by tag
+  (``release_memory(tags)`` / ``resume_memory(tags)``, tags ``weights`` and ``kv_cache``) in
+  slime's order; see ``rollout/fleet.py``.
 - disaggregated: servers on dedicated GPUs/nodes, launched here (``rollout_first_gpu``) or
   started per node with ``python -m megatron_rlrt.rollout.launch sglang ...`` and given as
   ``rollout_urls``.
@@ -23,18 +24,10 @@ log-probs of the temperature-scaled distribution; ``logprobs="raw"`` launches th
 answer from an engine that reports another weight version marks that engine dead.
 
 Weight sync (``weight_sync``; "auto" = "tensor" when colocated, "distributed" when disaggregated
-on CUDA, else "disk"), after which the cache is flushed and every engine must report the new
-version (``/model_info``):
-- "tensor": ``/begin_weight_update``, then per bucket (``update_weight_buffer_size`` bytes) one
-  ``/update_weights_from_tensor`` with a ``flattened_bucket`` payload whose tensor travels as a
-  CUDA IPC handle (one entry per engine TP rank), then ``/end_weight_update``. The sending
-  process must be on the engines' node.
-- "distributed": once, ``/init_weights_update_group`` on every engine while the trainer joins
-  the same group as rank 0 (``world_size = 1 + all engine GPUs``, NCCL); then per update
-  ``/begin_weight_update``, per bucket (one dtype) ``/update_weights_from_distributed`` +
-  one broadcast of the flattened bucket, ``/end_weight_update``.
-- "disk": a HF safetensors snapshot in ``weight_sync_dir`` (shared storage for multi-node),
-  then ``/update_weights_from_disk``.
+on CUDA, else "disk"): this class holds only the HTTP half (begin/end session, the per-bucket
+requests, version, flush); how the tensors travel (IPC handles, a broadcast group, a snapshot)
+is ``weight_transport.py``. After every update the cache is flushed and every engine must
+report the new version (``/model_info``).
 
 Pipeline parallelism: ``update_weights`` sends what it is given. For PP>1 either bring every
 stage's tensors to one sender, or call ``begin_update(version)`` once (trainer rank 0),
@@ -48,7 +41,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 from datetime import timedelta
 from typing import Iterable, Sequence
@@ -58,9 +50,11 @@ import torch
 
 from megatron_rlrt.rollout import http_client as hc
 from megatron_rlrt.rollout import sglang_protocol as sp
-from megatron_rlrt.rollout.base import RolloutError, RolloutSample
+from megatron_rlrt.rollout.base import MEMORY_TAGS, RolloutError, RolloutSample
 from megatron_rlrt.rollout.launch import EnginePlacement, ServerProcess, find_free_port, sglang_router_command
 from megatron_rlrt.rollout.server_engine import DEFAULT_BUCKET_BYTES, ServerEngineBase, parse_urls
+from megatron_rlrt.rollout.weight_transport import (DiskTransport, DistributedTransport, make_transport,
+                                                    resolve_weight_sync)
 
 
 def init_weights_update_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -81,7 +75,7 @@ def init_weights_update_group(master_address: str, master_port: int, rank: int, 
     return pg
 
 
-def _this_host_address() -> str:
+def this_host_address() -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("10.255.255.255", 1))
@@ -126,20 +120,14 @@ class SGLangEngine(ServerEngineBase):
                  extra_server_args: Sequence[str] = (), server_env: dict | None = None, python: str | None = None,
                  master_address: str | None = None, sender_id: int = 0, group_backend: str | None = None,
                  **kwargs):
-        if weight_sync not in ("auto", "tensor", "distributed", "disk"):
-            raise ValueError(f"weight_sync must be auto|tensor|distributed|disk, not {weight_sync!r}")
         if logprobs not in ("processed", "raw"):
             raise ValueError("logprobs must be 'processed' or 'raw'")
-        if weight_sync == "auto":
-            weight_sync = "tensor" if colocate else ("distributed" if torch.cuda.is_available() else "disk")
-        self.weight_sync = weight_sync
+        self.weight_sync = resolve_weight_sync(weight_sync, colocate)
         self.mem_fraction_static, self.dtype, self.logprobs = mem_fraction_static, dtype, logprobs
         self.extra_server_args, self.server_env = list(extra_server_args), dict(server_env or {})
-        self.master_address = master_address
-        self.sender_id = int(sender_id)
-        self.group_backend = group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.group_name = f"{sp.DEFAULT_GROUP_NAME}_sender{self.sender_id}"
-        self._group = None
+        self.transport = make_transport(self.weight_sync, colocate, **(
+            dict(backend=group_backend, master_address=master_address, sender_id=sender_id)
+            if self.weight_sync == "distributed" else {}))
         self._router: ServerProcess | None = None
         self._version_known = False
         self._engine_tp: dict[str, int] = {}
@@ -244,197 +232,120 @@ class SGLangEngine(ServerEngineBase):
         return {r.url: (r.body or {}).get("weight_version") for r in
                 self._control("GET", sp.path("model_info"), what="model_info")}
 
-    def release_memory(self) -> None:
-        """Colocated: flush, then free weights + KV cache (``/release_memory_occupation``)."""
-        self._check_open()
-        if not self.colocate:
-            return
-        self.flush_cache()
-        self._control("POST", sp.path("release_memory_occupation"), sp.ReleaseMemoryOccupationRequest().to_json(),
-                      what="release_memory_occupation")
-
-    def resume_memory(self) -> None:
+    def release_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated: free ``tags`` (default: weights and KV cache) on every live engine
+        (``/release_memory_occupation``; SGLang flushes the cache itself when the KV cache goes)."""
         self._check_open()
         if self.colocate:
-            self._control("POST", sp.path("resume_memory_occupation"), sp.ResumeMemoryOccupationRequest().to_json(),
+            self._control("POST", sp.path("release_memory_occupation"),
+                          sp.ReleaseMemoryOccupationRequest(tags=list(tags or MEMORY_TAGS)).to_json(),
+                          what="release_memory_occupation")
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Colocated: take ``tags`` back (``/resume_memory_occupation``); the trainer resumes the
+        weights, updates them, then resumes the KV cache."""
+        self._check_open()
+        if self.colocate:
+            self._control("POST", sp.path("resume_memory_occupation"),
+                          sp.ResumeMemoryOccupationRequest(tags=list(tags or MEMORY_TAGS)).to_json(),
                           what="resume_memory_occupation")
 
-    # --- weights ------------------------------------------------------------------------
+    # --- weights: the HTTP half (the transport in weight_transport.py moves the tensors) ----
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        """All of a weight update from this process: begin, send every bucket, finish (flush + check)."""
+        """All of a weight update from this process through ``self.transport``."""
         self._check_open()
         t0 = time.perf_counter()
-        if self.weight_sync == "disk":
-            self._update_from_disk(buckets, version)
-        else:
-            self.begin_update(version)
-            try:
-                self.send_buckets(buckets, version)
-            except BaseException:
-                self._close_session()  # leave no session open: the next update must be able to begin
-                raise
-            self.finish_update(version)
+        self.transport.update(self, buckets, version)
         self.metrics["perf/weight_sync_s"] = time.perf_counter() - t0
 
     def begin_update(self, version: int) -> None:
         """Open SGLang's weight-update session on every live engine (tensor / distributed)."""
         self._check_open()
-        if self.weight_sync == "distributed":
-            self.connect_weights_group()
+        if isinstance(self.transport, DistributedTransport):
+            self.transport.connect(self)
         self._control("POST", sp.path("begin_weight_update"), sp.BeginWeightUpdateRequest().to_json(),
                       what="begin_weight_update", tolerate=self.weight_sync != "distributed")
 
     def send_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        """Send this process's HF-named tensors (tensor / distributed), bucket by bucket."""
+        """Send this process's HF-named tensors inside an open session (PP: one sender per stage)."""
         self._check_open()
-        for bucket in buckets:
-            if not bucket:
-                continue
-            if self.weight_sync == "tensor":
-                self._send_tensor_bucket(bucket, version)
-            elif self.weight_sync == "distributed":
-                for part in sp.split_by_dtype(bucket):
-                    self._send_distributed_bucket(part, version)
-            else:
-                raise RolloutError(f"send_buckets does not apply to weight_sync={self.weight_sync!r}")
+        if isinstance(self.transport, DiskTransport):
+            raise RolloutError("send_buckets does not apply to weight_sync='disk'")
+        self.transport.send_buckets(self, buckets, version)
 
-    def _close_session(self) -> None:
+    def abort_update(self) -> None:
+        """Close a session a failed update left open (best effort; the original error matters)."""
         try:
             hc.run_sync(hc.call_all("POST", self.live_urls(), sp.path("end_weight_update"),
                                     sp.EndWeightUpdateRequest().to_json(),
                                     policy=hc.RetryPolicy(max_attempts=1, request_timeout_s=60)))
-        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+        except Exception:  # noqa: BLE001
             pass
 
-    def finish_update(self, version: int) -> None:
-        """Close the session, flush caches, set and check the weight version everywhere."""
-        self._control("POST", sp.path("end_weight_update"), sp.EndWeightUpdateRequest().to_json(),
-                      what="end_weight_update", tolerate=self.weight_sync != "distributed")
-        self._set_and_check_version(version)
-
-    def _set_and_check_version(self, version: int) -> None:
+    def finish_update(self, version: int, close_session: bool = True) -> None:
+        """Close the session, set the weight version, flush the caches (prefixes computed with
+        the old weights), then every engine must report ``version``."""
+        if close_session:
+            self._control("POST", sp.path("end_weight_update"), sp.EndWeightUpdateRequest().to_json(),
+                          what="end_weight_update", tolerate=self.weight_sync != "distributed")
         # The version is also sent with every bucket; setting it once more covers engines that
         # received no bucket from this sender (PP) and answers the question explicitly.
         self._control("POST", sp.path("update_weight_version"),
                       sp.UpdateWeightVersionRequest(new_version=str(version)).to_json(), what="update_weight_version")
         self.flush_cache()
         self._check_versions(version, self.served_weight_versions())
+        self.note_version(version)
+
+    def note_version(self, version: int) -> None:
+        """From now on every /generate answer must come from weights ``version``."""
         self.weight_version = int(version)
         self._version_known = True
 
-    def _update_from_disk(self, buckets, version: int) -> None:
-        t0 = time.perf_counter()
-        snapshot = self._write_snapshot(buckets, version)
-        self.metrics["perf/weight_write_s"] = time.perf_counter() - t0
-        payload = sp.UpdateWeightFromDiskRequest(model_path=snapshot, weight_version=str(version)).to_json()
-        self._control("POST", sp.path("update_weights_from_disk"), payload, what="update_weights_from_disk")
-        self.flush_cache()
-        self._check_versions(version, self.served_weight_versions())
-        self.weight_version = int(version)
-        self._version_known = True
-        self._drop_old_snapshots(keep=snapshot)
-
-    def _send_tensor_bucket(self, bucket, version: int) -> None:
-        if not all(t.is_cuda for _, t in bucket):
-            raise RolloutError("weight_sync='tensor' (CUDA IPC) needs CUDA tensors; use 'disk' or 'distributed'")
-        flat, metadata = sp.flatten_bucket(bucket, align=16)
-        serialized = sp.serialize_flattened_bucket(flat, metadata)
+    def post_tensor_bucket(self, serialized: str, version: int) -> None:
+        """``/update_weights_from_tensor``: one copy of the serialized bucket per engine TP rank."""
         urls = self.live_urls()
         payloads = [sp.UpdateWeightsFromTensorRequest(serialized_named_tensors=[serialized] * self.engine_tp_size(u),
                                                       weight_version=str(version)).to_json() for u in urls]
-        torch.cuda.synchronize()
         self._control("POST", sp.path("update_weights_from_tensor"), urls=urls, payloads=payloads,
                       what="update_weights_from_tensor")
-        del flat, serialized
-        torch.cuda.ipc_collect()  # release IPC blocks the engines have closed
 
-    def connect_weights_group(self) -> None:
-        """Create the NCCL group trainer(rank 0) + every engine GPU, once (distributed sync)."""
-        if self._group is not None:
-            return
-        urls = self.live_urls()
-        tps = [self.engine_tp_size(u) for u in urls]
-        world = 1 + sum(tps)
-        address = self.master_address or _this_host_address()
-        port = find_free_port(40000 + 100 * self.sender_id, "0.0.0.0" if address != "127.0.0.1" else "127.0.0.1")
-        offsets = [1 + sum(tps[:i]) for i in range(len(urls))]
+    def post_update_from_disk(self, snapshot: str, version: int) -> None:
+        payload = sp.UpdateWeightFromDiskRequest(model_path=snapshot, weight_version=str(version)).to_json()
+        self._control("POST", sp.path("update_weights_from_disk"), payload, what="update_weights_from_disk")
+
+    def post_init_weights_group(self, urls, address: str, port: int, offsets, world: int, group_name: str,
+                                backend: str) -> None:
+        """``/init_weights_update_group`` on ``urls`` (they block until the trainer joins)."""
         payloads = [sp.InitWeightsUpdateGroupRequest(
-            master_address=address, master_port=port, rank_offset=off, world_size=world, group_name=self.group_name,
-            backend=self.group_backend).to_json() for off in offsets]
-        box: dict = {}
-
-        def post() -> None:  # the engines block in this call until the trainer joins
-            try:
-                box["results"] = hc.run_sync(hc.call_all("POST", urls, sp.path("init_weights_update_group"),
-                                                         payloads=payloads, policy=self.control_policy))
-            except BaseException as exc:  # noqa: BLE001
-                box["error"] = exc
-
-        thread = threading.Thread(target=post, daemon=True)
-        thread.start()
-        try:
-            group = init_weights_update_group(address, port, 0, world, self.group_name, self.group_backend,
-                                              timeout_s=self.control_policy.request_timeout_s)
-        finally:
-            thread.join()
-        if "error" in box:
-            raise RolloutError(f"init_weights_update_group failed: {box['error']}")
-        bad = [r for r in box["results"] if not r.ok]
+            master_address=address, master_port=port, rank_offset=off, world_size=world, group_name=group_name,
+            backend=backend).to_json() for off in offsets]
+        results = hc.run_sync(hc.call_all("POST", urls, sp.path("init_weights_update_group"), payloads=payloads,
+                                          policy=self.control_policy))
+        bad = [(r.url, r.error) for r in results if not r.ok]
         if bad:
-            raise RolloutError(f"init_weights_update_group failed on {[(r.url, r.error) for r in bad]}")
-        self._group = group
-        self._group_urls = urls
+            raise RolloutError(f"init_weights_update_group failed on {bad}")
 
-    def _send_distributed_bucket(self, bucket, version: int) -> None:
-        import torch.distributed as dist
-
-        urls = self._group_urls
+    def post_distributed_bucket(self, urls, bucket, group_name: str, version: int) -> None:
+        """``/update_weights_from_distributed``: the metadata of the bucket being broadcast."""
         payload = sp.UpdateWeightsFromDistributedRequest.for_bucket(
-            bucket, group_name=self.group_name, weight_version=str(version)).to_json()
-        flat, _ = sp.flatten_bucket(bucket, align=1)
-        if self.group_backend == "nccl" and not flat.is_cuda:
-            flat = flat.cuda()
-        box: dict = {}
-
-        def post() -> None:
-            try:
-                box["results"] = hc.run_sync(hc.call_all("POST", urls, sp.path("update_weights_from_distributed"),
-                                                         payload, policy=self.control_policy))
-            except BaseException as exc:  # noqa: BLE001
-                box["error"] = exc
-
-        thread = threading.Thread(target=post, daemon=True)
-        thread.start()
-        try:
-            dist.broadcast(flat, src=0, group=self._group)
-        finally:
-            thread.join()
-        bad = box.get("error") or [(r.url, r.error) for r in box.get("results", []) if not r.ok]
+            bucket, group_name=group_name, weight_version=str(version)).to_json()
+        results = hc.run_sync(hc.call_all("POST", urls, sp.path("update_weights_from_distributed"), payload,
+                                          policy=self.control_policy))
+        bad = [(r.url, r.error) for r in results if not r.ok]
         if bad:
             raise RolloutError(f"update_weights_from_distributed failed: {bad}")
 
-    def disconnect_weights_group(self) -> None:
-        if self._group is None:
-            return
-        import torch.distributed as dist
-
-        try:
-            hc.run_sync(hc.call_all("POST", self._group_urls, sp.path("destroy_weights_update_group"),
-                                    sp.DestroyWeightsUpdateGroupRequest(group_name=self.group_name).to_json(),
-                                    policy=hc.RetryPolicy(max_attempts=1, request_timeout_s=30)))
-        finally:
-            try:
-                dist.destroy_process_group(self._group)
-            except Exception:  # noqa: BLE001
-                pass
-            self._group = None
+    def post_destroy_weights_group(self, urls, group_name: str) -> None:
+        hc.run_sync(hc.call_all("POST", urls, sp.path("destroy_weights_update_group"),
+                                sp.DestroyWeightsUpdateGroupRequest(group_name=group_name).to_json(),
+                                policy=hc.RetryPolicy(max_attempts=1, request_timeout_s=30)))
 
     def shutdown(self) -> None:
         if getattr(self, "_shut", False):
             return
         try:
-            self.disconnect_weights_group()
+            self.transport.close(self)
         except Exception:  # noqa: BLE001
             pass
         if self._router is not None:

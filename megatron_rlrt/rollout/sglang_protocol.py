@@ -360,8 +360,32 @@ def serialize_flattened_bucket(flat: torch.Tensor, metadata: Sequence[Any]) -> s
     pickler = ForkingPickler(buf)
     if flat.is_cuda:
         pickler.dispatch_table[torch.Tensor] = _uuid_cuda_reducer()
-    pickler.dump({"flattened_tensor": flat, "metadata": list(metadata)})
+        pickler.dump({"flattened_tensor": flat, "metadata": list(metadata)})
+    else:
+        # CPU (tests, CPU servers): the storage moves to shared memory and travels as a file name
+        # any process of this machine can map; torch's default ``file_descriptor`` strategy would
+        # need a socket between parent and child to pass the descriptor.
+        with _sharing_strategy("file_system"):
+            pickler.dump({"flattened_tensor": flat, "metadata": list(metadata)})
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _sharing_strategy:
+    """Set torch's CPU tensor sharing strategy for the duration of a ``with`` block."""
+
+    def __init__(self, strategy: str):
+        self.strategy = strategy
+
+    def __enter__(self):
+        import torch.multiprocessing as mp
+
+        self.saved = mp.get_sharing_strategy()
+        mp.set_sharing_strategy(self.strategy)
+
+    def __exit__(self, *exc):
+        import torch.multiprocessing as mp
+
+        mp.set_sharing_strategy(self.saved)
 
 
 # --- server flags ------------------------------------------------------------------------------

@@ -235,13 +235,16 @@ class VLLMEngine(ServerEngineBase):
     def served_weight_versions(self) -> dict[str, str]:
         return {r.url: (r.body or {}).get("weight_version") for r in self._control("GET", "/weight_info")}
 
-    def release_memory(self) -> None:
-        """Colocated: ``/sleep?level=1`` (weights offloaded to CPU, KV cache dropped)."""
+    def release_memory(self, tags=None) -> None:
+        """Colocated: ``/sleep?level=1`` (weights offloaded to CPU, KV cache dropped; vLLM's sleep
+        has no tags: any release puts the whole server to sleep)."""
         self._check_open()
         if self.colocate:
             self._control("POST", "/sleep", params={"level": "1", "mode": "abort"}, what="sleep")
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags=None) -> None:
+        """``/wake_up`` (``?tags=weights`` / ``?tags=kv_cache``: vLLM wakes each part on its own)."""
         self._check_open()
         if self.colocate:
-            self._control("POST", "/wake_up", what="wake_up")
+            params = [("tags", t) for t in tags] if tags else None  # vLLM reads getlist("tags")
+            self._control("POST", "/wake_up", params=params, what="wake_up")

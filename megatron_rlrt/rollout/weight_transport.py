@@ -1,0 +1,284 @@
+"""How new weights reach the rollout servers: the trainer side of SGLang's three update paths.
+
+The engine (``sglang_engine.SGLangEngine``) only speaks SGLang's HTTP protocol; a transport decides
+where the tensors must be and how their bytes travel (slime's split: ``UpdateWeightFromTensor``
+when colocated, ``UpdateWeightFromDistributed`` otherwise; ``slime/backends/megatron_utils/
+update_weight/``):
+
+- ``tensor`` (colocated): the servers map the trainer's own memory. Each bucket is flattened on
+  the training device and pickled with torch's multiprocessing reductions (SGLang's
+  ``MultiprocessingSerializer``): CUDA tensors travel as CUDA IPC handles, CPU tensors as
+  shared-memory file names (the ``file_system`` sharing strategy), never as bytes. The sender
+  must be on the servers' node, so in a multi-node colocated job every node's local rank 0
+  sends to its own node's servers (``rollout/fleet.py``).
+- ``distributed`` (disaggregated): the trainer joins a process group with every engine GPU
+  (``/init_weights_update_group``; NCCL, gloo in CPU tests) and broadcasts each bucket.
+- ``disk``: a HF safetensors snapshot on storage every server can read, then
+  ``/update_weights_from_disk``.
+
+Every update is one session: ``begin_weight_update`` -> buckets -> ``end_weight_update`` ->
+weight version -> ``flush_cache`` -> every engine must report the new version (a session left
+open by a failure is closed before the error propagates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_rlrt.rollout.base import RolloutError
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def training_device() -> torch.device:
+    """The device the trainer's parameters live on (this rank's GPU, else the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class WeightTransport:
+    """Moves HF-named full tensors into the servers behind one engine. ``device``: where the
+    gathered tensors must be (the gather in ``weight_sync`` puts them there)."""
+
+    name = ""
+    device = torch.device("cpu")
+
+    def update(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        engine.begin_update(version)
+        try:
+            self.send_buckets(engine, buckets, version)
+        except BaseException:
+            engine.abort_update()  # leave no session open: the next update must be able to begin
+            raise
+        engine.finish_update(version)
+
+    def send_buckets(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        raise NotImplementedError
+
+    def close(self, engine) -> None:
+        """Free what the transport holds for ``engine`` (process groups)."""
+
+
+class TensorTransport(WeightTransport):
+    """Colocated: handles of the trainer's own memory on ``device`` (see module doc)."""
+
+    name = "tensor"
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else training_device()
+
+    def send_buckets(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        from megatron_rlrt.rollout import sglang_protocol as sp
+
+        for bucket in buckets:
+            if not bucket:
+                continue
+            for name, tensor in bucket:
+                if tensor.device != self.device:
+                    raise RolloutError(
+                        f"weight_sync='tensor' hands the servers handles to the trainer's memory on {self.device}, "
+                        f"but {name} is on {tensor.device}: gather onto the training device (or use "
+                        f"weight_sync='distributed' / 'disk')")
+            flat, metadata = sp.flatten_bucket(bucket, align=16)
+            serialized = sp.serialize_flattened_bucket(flat, metadata)
+            if flat.is_cuda:
+                torch.cuda.synchronize()  # the engines read the buffer as soon as they get the handle
+            engine.post_tensor_bucket(serialized, version)
+            del flat, serialized  # the engines answered: they copied out of the shared buffer
+            if self.device.type == "cuda":
+                torch.cuda.ipc_collect()  # release IPC blocks the engines have closed
+
+
+class DistributedTransport(WeightTransport):
+    """Disaggregated: one process group trainer (rank 0) + every engine GPU, joined once per
+    engine; each bucket (one dtype) is announced over HTTP and broadcast as one flat buffer."""
+
+    name = "distributed"
+
+    def __init__(self, backend: str | None = None, master_address: str | None = None, sender_id: int = 0):
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = training_device() if self.backend == "nccl" else torch.device("cpu")
+        self.master_address = master_address
+        self.sender_id = int(sender_id)
+        self.groups: dict[int, tuple] = {}  # id(engine) -> (process group, urls, group name)
+
+    def group_name(self) -> str:
+        from megatron_rlrt.rollout import sglang_protocol as sp
+
+        return f"{sp.DEFAULT_GROUP_NAME}_sender{self.sender_id}"
+
+    def connect(self, engine) -> None:
+        """``/init_weights_update_group`` on every live engine while this process joins as rank 0."""
+        if id(engine) in self.groups:
+            return
+        from megatron_rlrt.rollout.launch import find_free_port
+        from megatron_rlrt.rollout.sglang_engine import init_weights_update_group, this_host_address
+
+        urls = engine.live_urls()
+        tps = [engine.engine_tp_size(u) for u in urls]
+        world = 1 + sum(tps)
+        address = self.master_address or this_host_address()
+        port = find_free_port(40000 + 100 * self.sender_id, "0.0.0.0" if address != "127.0.0.1" else "127.0.0.1")
+        offsets = [1 + sum(tps[:i]) for i in range(len(urls))]
+        name = self.group_name()
+        post = _in_thread(lambda: engine.post_init_weights_group(urls, address, port, offsets, world, name,
+                                                                 self.backend))
+        try:  # the engines block in their HTTP call until this process joins
+            group = init_weights_update_group(address, port, 0, world, name, self.backend,
+                                              timeout_s=engine.control_policy.request_timeout_s)
+        finally:
+            post.join()
+        post.result()
+        self.groups[id(engine)] = (group, urls, name)
+
+    def update(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        self.connect(engine)
+        super().update(engine, buckets, version)
+
+    def send_buckets(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        import torch.distributed as dist
+
+        from megatron_rlrt.rollout import sglang_protocol as sp
+
+        self.connect(engine)
+        group, urls, name = self.groups[id(engine)]
+        for bucket in buckets:
+            for part in sp.split_by_dtype(bucket) if bucket else []:
+                flat, _ = sp.flatten_bucket(part, align=1)
+                if self.backend == "nccl" and not flat.is_cuda:
+                    flat = flat.to(self.device)
+                post = _in_thread(lambda: engine.post_distributed_bucket(urls, part, name, version))
+                try:
+                    dist.broadcast(flat, src=0, group=group)
+                finally:
+                    post.join()
+                post.result()
+
+    def close(self, engine) -> None:
+        entry = self.groups.pop(id(engine), None)
+        if entry is None:
+            return
+        import torch.distributed as dist
+
+        group, urls, name = entry
+        try:
+            engine.post_destroy_weights_group(urls, name)
+        finally:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+
+class DiskTransport(WeightTransport):
+    """A HF checkpoint directory every server can read (``weight_sync_dir``: shared storage when
+    the servers are on other nodes); no begin/end session (SGLang needs none for disk loads)."""
+
+    name = "disk"
+
+    def update(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        root = engine.weight_sync_dir or engine._tmpdir("weights")
+        snapshot = write_hf_snapshot(buckets, version, root, engine.model_path)
+        engine.post_update_from_disk(snapshot, version)
+        engine.finish_update(version, close_session=False)
+        drop_old_snapshots(keep=snapshot)
+
+
+TRANSPORTS = {"tensor": TensorTransport, "distributed": DistributedTransport, "disk": DiskTransport}
+
+
+def resolve_weight_sync(kind: str, colocate: bool) -> str:
+    """``auto`` -> ``tensor`` when colocated, ``distributed`` on CUDA otherwise, else ``disk``."""
+    if kind not in ("auto", *TRANSPORTS):
+        raise ValueError(f"weight_sync must be auto|{'|'.join(TRANSPORTS)}, not {kind!r}")
+    if kind == "auto":
+        return "tensor" if colocate else ("distributed" if torch.cuda.is_available() else "disk")
+    return kind
+
+
+def make_transport(kind: str, colocate: bool, **kwargs) -> WeightTransport:
+    kind = resolve_weight_sync(kind, colocate)
+    if kind == "distributed":
+        return DistributedTransport(**kwargs)
+    return TRANSPORTS[kind]()
+
+
+# --- disk snapshots ---------------------------------------------------------------------------
+
+
+SNAPSHOT_MARKER = "megatron_rlrt_weights.json"
+
+
+def write_hf_snapshot(buckets: Iterable[Bucket], version: int, root: str, model_path: str | None = None) -> str:
+    """Write HF-named tensors as ``root/v{version}`` (safetensors shards + the model's config
+    files), atomically (a temporary directory renamed at the end). Returns the directory."""
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"v{version}")
+    tmp = final + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    count, names = 0, set()
+    for i, bucket in enumerate(buckets):
+        tensors = {}
+        for name, tensor in bucket:
+            if name in names:
+                raise RolloutError(f"weight {name} sent twice in one update")
+            names.add(name)
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+        if tensors:
+            save_file(tensors, os.path.join(tmp, f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
+            count += 1
+    if count == 0:
+        raise RolloutError("weight update with no tensors")
+    if model_path and os.path.isdir(model_path):
+        for fname in ("config.json", "generation_config.json"):
+            src = os.path.join(model_path, fname)
+            if os.path.exists(src):
+                shutil.copy(src, os.path.join(tmp, fname))
+    with open(os.path.join(tmp, SNAPSHOT_MARKER), "w") as f:
+        json.dump({"version": version, "tensors": len(names)}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def drop_old_snapshots(keep: str) -> None:
+    """Remove the other snapshots this code wrote next to ``keep``."""
+    root = os.path.dirname(keep)
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if path != keep and entry.startswith("v") and os.path.isdir(path) and \
+                os.path.exists(os.path.join(path, SNAPSHOT_MARKER)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _in_thread:
+    """Run a blocking HTTP call beside a collective the servers wait on; re-raise its error."""
+
+    def __init__(self, fn):
+        self.box: dict = {}
+
+        def run():
+            try:
+                self.box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self.box["error"] = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def result(self):
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box.get("value")
+

@@ -160,3 +160,39 @@ def test_packs_are_padded_so_every_shard_fits_the_fp8_gemm(recipe, tp, sp, multi
     assert n % m == 0 and (n // shards) % opts.pad_divisor() == 0 and n - sum(map(len, rows)) < m
     assert int(packed.label_mask.sum()) == 4 + 4 + 37  # the padding is never a label
     assert packed.cu_seqlens[-2].item() == sum(map(len, rows))  # padding is its own trailing segment
+
+
+# --- the null teacher: identical student and teacher rows in the packed no-grad pass -------------
+
+
+def _null_teacher(tiny_model, tmp_path, dtype):
+    import json
+
+    from megatron_rlrt import parallel
+    from tests.precision_helpers import null_teacher_rank
+
+    out = tmp_path / f"null_{dtype}.json"
+    parallel.spawn(null_teacher_rank, 1, tiny_model, dtype, str(out), 8, (1, 4), ("same", "context"))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_null_teacher_dt_is_rounding_noise_far_below_a_real_context(tiny_model, tmp_path, dtype):
+    """Teacher context empty => teacher rows equal student rows => D_t is 0 up to the rounding of
+    row positions in the pack, in one pack per sample and four samples per pack alike; a real
+    context moves D_t by orders of magnitude more (else this test could not tell them apart)."""
+    r = _null_teacher(tiny_model, tmp_path, dtype)
+    bound = {"float32": 5e-6, "bfloat16": 2e-2}[dtype]
+    for mbs in ("1", "4"):
+        same, context = r[f"same/{mbs}"], r[f"context/{mbs}"]
+        assert same["tokens"] == context["tokens"] > 200
+        assert same["max_abs"] <= bound and same["max_abs_At_minus_A"] <= bound, same
+        assert context["mean_abs"] > 20 * same["mean_abs"] and context["max_abs"] > 0.1, (same, context)
+    # The goal is D_t == 0 exactly (identical rows, identical kernels). megatron's local (CPU) spec
+    # applies RoPE at positions counted across the whole pack, so a teacher row placed after its
+    # student row is rotated at other angles and rounds differently (with RoPE patched out, bf16
+    # D_t is exactly 0 here; fp32 keeps 1-ulp differences from the [N, N] masked softmax).
+    # Per-row RoPE positions and per-row attention (TE's THD path on GPU; issue 15 on CPU) remove both.
+    if any(r[f"same/{mbs}"]["max_abs"] != 0 for mbs in ("1", "4")):
+        pytest.xfail(f"D_t of identical rows is not exactly 0 on the local CPU spec (RoPE over packed positions): "
+                     f"max |D_t| {max(r[f'same/{m}']['max_abs'] for m in ('1', '4')):.2e}")

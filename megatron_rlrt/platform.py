@@ -318,31 +318,84 @@ def apply_cpu_patches() -> None:
 
 
 # Start-up noise that says nothing actionable on our supported setups (CPU without TE/apex,
-# GPTModel still being megatron's dense GPT). MEGATRON_RLRT_SHOW_WARNINGS=1 shows it all.
+# GPTModel still being megatron's dense GPT, megatron's experimental MIMO module announcing itself
+# on import). It goes to $MEGATRON_RLRT_NOISE_LOG (once per message and process) when set, else
+# nowhere; MEGATRON_RLRT_SHOW_WARNINGS=1 shows it all on the console.
 _KNOWN_NOISE = (
     r"Apex is not installed", r"Transformer Engine and Apex are not installed",
     r"Please use DTensor instead", r"The argument order of load has been changed",
     r"torch\.distributed is disabled, unavailable or uninitialized", r"full scope is deprecated",
+    r"MimoModelConfig is experimental", r"MimoModel is experimental", r"ModalitySubmodules is experimental",
 )
+# megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS=1 (CUDA stream scheduling): meaningless on a CPU
+_CPU_NOISE = (r"CUDA_DEVICE_MAX_CONNECTIONS",)
 _NOISY_LOGGERS = ("megatron.core.models.gpt.gpt_model", "megatron.core.dist_checkpointing.strategies.torch",
                   "megatron.core.dist_checkpointing.strategies.async_utils")
+_noise_filter: "_NoiseFilter | None" = None
 
 
-def quiet_known_warnings() -> None:
+class _NoiseFilter:
+    """A ``warnings.showwarning`` that sends known noise to a log file (or drops it) and
+    everything else to the original handler."""
+
+    def __init__(self, patterns: tuple[str, ...], log_path: str | None, shown):
+        import re
+
+        self.pattern = re.compile("|".join(patterns))
+        self.log_path = log_path
+        self.shown = shown
+        self.seen: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if not self.pattern.search(text):
+            return self.shown(message, category, filename, lineno, file, line)
+        if self.log_path and text not in self.seen:
+            self.seen.add(text)
+            import warnings
+
+            rank = os.environ.get("RANK", "-")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(f"[pid {os.getpid()} rank {rank}] " + warnings.formatwarning(message, category, filename, lineno, line))
+            except OSError:
+                pass
+
+
+def quiet_known_warnings(cpu: bool = False) -> None:
+    """Route known start-up noise away from the console (see ``_KNOWN_NOISE``); ``cpu`` adds
+    the CUDA-only advice. Idempotent."""
+    global _noise_filter
     if os.environ.get("MEGATRON_RLRT_SHOW_WARNINGS") == "1":
         return
     import warnings
 
-    for pattern in _KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    patterns = _KNOWN_NOISE + (_CPU_NOISE if cpu else ())
+    log_path = os.environ.get("MEGATRON_RLRT_NOISE_LOG") or None
+    if log_path:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    if _noise_filter is not None and warnings.showwarning is _noise_filter:
+        shown = _noise_filter.shown
+    else:
+        shown = warnings.showwarning
+    _noise_filter = _NoiseFilter(patterns, log_path, shown)
+    warnings.showwarning = _noise_filter
     for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger_ = logging.getLogger(name)
+        logger_.setLevel(logging.WARNING if log_path else logging.ERROR)
+        if log_path and not any(getattr(h, "_rlrt_noise", False) for h in logger_.handlers):
+            handler = logging.FileHandler(log_path)
+            handler._rlrt_noise = True  # type: ignore[attr-defined]
+            handler.setFormatter(logging.Formatter(f"[pid %(process)d rank {os.environ.get('RANK', '-')}] %(name)s: %(message)s"))
+            logger_.addHandler(handler)
+            logger_.propagate = False
 
 
 def setup_megatron() -> Platform:
     """Detect the platform and make megatron-core importable and runnable on it."""
     quiet_known_warnings()
     platform = detect()
+    quiet_known_warnings(cpu=not platform.is_cuda)
     _install_paged_stash_stub()
     if not platform.is_cuda:
         apply_cpu_patches()

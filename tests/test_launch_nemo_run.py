@@ -1,6 +1,6 @@
 """examples/nemo_run/launch_rlrt.py: the NeMo-Run launcher.
 
-NeMo-Run lives in its own venv (.venv-launch, made by scripts/setup_env.sh; $MEGATRON_RLRT_LAUNCH_VENV
+NeMo-Run lives in its own venv (.venv-launch, made by scripts/setup_launch_env.sh; $MEGATRON_RLRT_LAUNCH_VENV
 overrides), like on a login node: the launcher never imports torch, the job runs the trainer's
 environment. The local executor runs for real (torchrun, 2 CPU ranks, TP=2, one RL step); Slurm and
 Docker are checked through ``--dryrun``: the sbatch script / container spec NeMo-Run would submit.
@@ -27,11 +27,11 @@ def launch_python() -> str:
     venv = os.environ.get("MEGATRON_RLRT_LAUNCH_VENV", os.path.join(REPO, ".venv-launch"))
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        pytest.skip(f"{venv} missing: scripts/setup_env.sh installs NeMo-Run there")
+        pytest.skip(f"{venv} missing: scripts/setup_launch_env.sh installs NeMo-Run there")
     probe = subprocess.run([python, "-c", "import importlib.util as u; print(bool(u.find_spec('nemo_run')))"],
                            capture_output=True, text=True)
     if probe.stdout.strip() != "True":
-        pytest.skip(f"nemo_run is not installed in {venv} (scripts/setup_env.sh installs it)")
+        pytest.skip(f"nemo_run is not installed in {venv} (scripts/setup_launch_env.sh installs it)")
     return python
 
 

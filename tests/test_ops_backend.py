@@ -92,6 +92,30 @@ def test_auto_builds_and_uses_cpp(fresh):
     _values_still_right()
 
 
+def test_prebuild_announces_a_build_and_reuses_the_cache(fresh, tmp_path, capsys):
+    """scripts/setup_env.sh's step: a progress line before compiling, one line when cached."""
+    if build.compiler_problem():
+        pytest.skip(build.compiler_problem())
+    fresh.setattr(build, "_prebuilt_present", lambda: False)
+    fresh.setattr(dispatch, "_prebuilt", lambda want_cuda: (None, "no prebuilt extension"))
+    dispatch.backend()  # builds into (or loads from) the default cache, as the tests above do
+    assert build.jit_cached()
+    assert build.prebuild("[setup] ") == 0
+    out = capsys.readouterr().out
+    assert "building" not in out and "[setup] C++ log-prob extension" in out and "loaded in" in out
+    fresh.setenv("MEGATRON_RLRT_EXT_DIR", str(tmp_path / "empty"))
+    assert not build.jit_cached()
+    calls = []
+    fresh.setattr(build, "jit_load", lambda with_cuda=False: calls.append(with_cuda) or (None, 61.0, "somewhere"))
+    assert build.prebuild("[setup] ") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[setup] building the C++ log-prob extension") and "built in 61 s" in out[1]
+    assert calls == [False]
+    fresh.setenv("CXX", "/nonexistent/c++")
+    assert build.prebuild() == 0
+    assert "cannot build (compiler missing" in capsys.readouterr().out
+
+
 def test_prebuilt_extension_checks(fresh):
     fake = types.ModuleType("megatron_rlrt.ops._C")
     fake.cpu_capability = lambda: "AVX512"

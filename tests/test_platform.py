@@ -74,3 +74,45 @@ def test_patched_torch_cuda_calls_target_the_cpu():
     proxy = sys.modules["megatron.core.optimizer.clip_grads"].torch
     assert proxy.zeros(2, device="cuda").device.type == "cpu"
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+_NOISE_SCRIPT = r"""
+import warnings
+from megatron_rlrt.platform import setup_megatron
+setup_megatron()
+import megatron.core.models.mimo  # megatron announces its experimental MIMO config on import
+from megatron.core.tensor_parallel import layers
+# megatron's own CUDA-stream advice, from its own module (it fires from TP linear layers)
+warnings.warn_explicit("When using async grad allreduce it is recommended to set the environment variable "
+                       "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup", UserWarning, layers.__file__, 856)
+warnings.warn("a warning the user should see")
+"""
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_known_noise_goes_to_the_log_file_not_the_console(tmp_path, log):
+    """Start-up warnings a CPU user cannot act on land once in $MEGATRON_RLRT_NOISE_LOG (or
+    nowhere); every other warning still reaches the console."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_RLRT_SHOW_WARNINGS", "PYTHONWARNINGS")}
+    path = tmp_path / "logs" / "warnings.log"
+    if log:
+        env["MEGATRON_RLRT_NOISE_LOG"] = str(path)
+    else:
+        env.pop("MEGATRON_RLRT_NOISE_LOG", None)
+    proc = subprocess.run([sys.executable, "-c", _NOISE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "a warning the user should see" in proc.stderr
+    assert "MimoModelConfig" not in proc.stderr and "CUDA_DEVICE_MAX_CONNECTIONS" not in proc.stderr
+    if log:
+        text = path.read_text()
+        assert text.count("MimoModelConfig is experimental") == 1
+        assert text.count("CUDA_DEVICE_MAX_CONNECTIONS") == 1
+        assert "a warning the user should see" not in text
+    else:
+        assert not path.exists()
+    env["MEGATRON_RLRT_SHOW_WARNINGS"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _NOISE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert "MimoModelConfig" in proc.stderr and "CUDA_DEVICE_MAX_CONNECTIONS" in proc.stderr

@@ -33,7 +33,8 @@ def summary(rows: list[dict]) -> dict:
             "reward_first": sum(r["reward/mean"] for r in train[:k]) / k if train else None,
             "reward_last": sum(r["reward/mean"] for r in train[-k:]) / k if train else None,
             "steps": len(train), "window": k,
-            "step_time": sum(r.get("perf/step_time_s", 0) for r in train) / max(1, len(train))}
+            "step_time": sum(r.get("perf/step_time_s", 0) for r in train) / max(1, len(train)),
+            "reward_timeouts": int(sum(r.get("reward/timeouts", 0) for r in train))}
 
 
 def main(argv=None) -> int:
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     console = Console()
     console.print(table)
     console.print(f"{s['steps']} RL steps, {s['step_time']:.1f} s per step on average")
+    if s["reward_timeouts"]:
+        console.print(f"[yellow]{s['reward_timeouts']} rollouts hit the scoring timeout (--reward-timeout) and scored 0: "
+                      "on a busy machine such a run does not reproduce exactly[/yellow]")
     if args.plot != "none":
         out = plot([args.run], args.plot or os.path.join(args.run, "metrics.png"))
         console.print(f"reward plot: {out}")

@@ -27,7 +27,7 @@ repository-relative paths work there too; with ``--packager none`` the image's c
 ``--code-dir`` is used and the recipe path is translated to it. Data, models and --save should be
 absolute paths on mounted shared storage.
 
-NeMo-Run is a launcher dependency (``pip install -e ".[launch]"`` or scripts/setup_env.sh, which
+NeMo-Run is a launcher dependency (``pip install -e ".[launch]"`` or scripts/setup_launch_env.sh, which
 puts it in .venv-launch); the trainer itself never imports it. The ``if __name__ == "__main__"``
 guard matters: NeMo-Run's torchrun workers must not re-run this file.
 """
@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from torchx.specs import AppState
     except ImportError:
         print("error: nemo_run is not installed here; `pip install -e \".[launch]\"` (nemo-run==0.11.1 with "
-              "leptonai==0.27.3) or run scripts/setup_env.sh and use .venv-launch/bin/python", file=sys.stderr)
+              "leptonai==0.27.3) or run scripts/setup_launch_env.sh and use .venv-launch/bin/python", file=sys.stderr)
         return 2
     if ns.nemo_run_home:
         run.config.set_nemorun_home(os.environ["NEMORUN_HOME"])

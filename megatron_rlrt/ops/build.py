@@ -165,6 +165,57 @@ def _local_cuda_arch() -> list[str]:
     return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
 
 
+def _jit_target(capability: str, with_cuda: bool, cuda_arch: list[str]) -> tuple[str, str]:
+    """(module name, build folder) of a JIT build; the name hashes everything the build depends on."""
+    key = _build_key(capability, with_cuda, cuda_arch)
+    name = f"{EXT_NAME}_{'cuda' if with_cuda else 'cpu'}_{capability.lower()}_{key}"
+    return name, os.path.join(build_dir_root(), name)
+
+
+def jit_cached(with_cuda: bool = False) -> bool:
+    """Whether :func:`jit_load` would reuse a finished build (no compiling)."""
+    if compiler_problem():
+        return False
+    name, build_dir = _jit_target(cpu_capability(), with_cuda, _local_cuda_arch() if with_cuda else [])
+    return os.path.isfile(os.path.join(build_dir, name + ".so"))
+
+
+def _prebuilt_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("megatron_rlrt.ops._C") is not None
+
+
+def prebuild(prefix: str = "") -> int:
+    """Build (or find cached) the extension that :mod:`megatron_rlrt.ops.dispatch` will load, with a
+    progress line, so that the first log-prob call of a run does not compile for a minute
+    unannounced. Never fails: without a compiler the kernels fall back to torch (said here)."""
+    if os.environ.get("MEGATRON_RLRT_OPS_BACKEND", "auto").strip().lower() == "torch" \
+            or os.environ.get("MEGATRON_RLRT_OPS_JIT", "1") == "0":
+        print(f"{prefix}C++ log-prob extension: not built (MEGATRON_RLRT_OPS_BACKEND=torch or MEGATRON_RLRT_OPS_JIT=0)")
+        return 0
+    if _prebuilt_present():
+        print(f"{prefix}C++ log-prob extension: prebuilt megatron_rlrt.ops._C")
+        return 0
+    problem = compiler_problem()
+    if problem:
+        print(f"{prefix}C++ log-prob extension: cannot build ({problem}); the pure-torch kernels will be used")
+        return 0
+    with_cuda = torch.cuda.is_available() and cuda_toolchain() is None
+    what = f"{'CUDA+' if with_cuda else ''}C++ log-prob extension ({cpu_capability()})"
+    if not jit_cached(with_cuda):
+        print(f"{prefix}building the {what}: once per source/torch version, ~1 min on 2 cores ...", flush=True)
+    try:
+        _, seconds, build_dir = jit_load(with_cuda=with_cuda)
+    except Exception as exc:  # the trainer will fall back too, with the same reason
+        first = next((line for line in str(exc).splitlines() if "error" in line.lower()), str(exc).strip()[:300])
+        print(f"{prefix}C++ log-prob extension: build failed ({first}); the pure-torch kernels will be used")
+        return 0
+    how = f"loaded in {seconds:.1f} s" if seconds < 5 else f"built in {seconds:.0f} s"
+    print(f"{prefix}{what}: {how} ({build_dir})")
+    return 0
+
+
 def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float, str]:
     """Compile (or reuse) and import the extension. Returns (module, seconds, build dir).
 
@@ -177,9 +228,7 @@ def jit_load(with_cuda: bool = False, verbose: bool = False) -> tuple[Any, float
         raise RuntimeError(problem)
     capability = cpu_capability()
     cuda_arch = _local_cuda_arch() if with_cuda else []
-    key = _build_key(capability, with_cuda, cuda_arch)
-    name = f"{EXT_NAME}_{'cuda' if with_cuda else 'cpu'}_{capability.lower()}_{key}"
-    build_dir = os.path.join(build_dir_root(), name)
+    name, build_dir = _jit_target(capability, with_cuda, cuda_arch)
     os.makedirs(build_dir, exist_ok=True)
     start = time.perf_counter()
     with ninja_on_path():
@@ -312,3 +361,20 @@ def nvcc_check_key(arch_flags=CUDA_ARCH_FLAGS) -> str:
             h.update(f.read())
     h.update(repr((nvcc_flags(arch_flags), torch.__version__, shutil.which("nvcc"))).encode())
     return h.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build (or find cached) the csrc/ log-prob extension for this machine.")
+    p.add_argument("--prebuild", action="store_true", help="build it now, with a progress line (scripts/setup_env.sh)")
+    p.add_argument("--prefix", default="", help="text before each printed line")
+    args = p.parse_args(argv)
+    if not args.prebuild:
+        p.print_help()
+        return 0
+    return prebuild(args.prefix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,8 @@ credit some tasks give ``score_answer(None, entry)``. The task may give partial 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from typing import Any
 
 from megatron_rlrt.reward import worker
@@ -28,6 +30,11 @@ class ReasoningGymVerifier(PooledVerifier):
 
     def __init__(self, correct_threshold: float = 1.0, binary: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # imported before the pool forks its workers: otherwise every worker's first item pays
+        # the import (seconds on a busy machine) inside its timeout, and a timed-out item would
+        # score 0 depending on machine load
+        with contextlib.suppress(ImportError):  # missing: each item fails with the import error
+            importlib.import_module("reasoning_gym")
         self.correct_threshold = correct_threshold
         self.binary = binary
 

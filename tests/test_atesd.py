@@ -47,17 +47,18 @@ def test_expose_prefix_is_a_token_prefix(tok):
     assert expose_contexts(tok, [SOLUTION, None], 0.25) == [tok.decode(ids[: len(ids) // 4]), None]
 
 
-def _views(tok, refs):
+def _views(tok, refs, **kw):
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
     return build_teacher_views("opsd", tok, ["What is x if 2x + 3 = 11?", "Compute 3 + 4."], ["r0", "r1", "r2", "r3"],
-                               rewards, 2, TeacherConfig(), enable_thinking=True, reference_solutions=refs)
+                               rewards, 2, TeacherConfig(), enable_thinking=True, reference_solutions=refs, **kw)
 
 
 def test_full_exposure_is_todays_teacher_view_exactly(tok):
     refs = [SOLUTION, "3 + 4 = 7, so the answer is \\boxed{7}."]
     today = _views(tok, refs)
-    full = _views(tok, expose_contexts(tok, refs, 1.0))
-    assert full.prompt_ids == today.prompt_ids and full.has_teacher.tolist() == today.has_teacher.tolist()
+    for full in (_views(tok, expose_contexts(tok, refs, 1.0)), _views(tok, refs, exposure=1.0)):
+        assert full.prompt_ids == today.prompt_ids and full.has_teacher.tolist() == today.has_teacher.tolist()
+    assert _views(tok, refs, exposure=0.5).prompt_ids == _views(tok, expose_contexts(tok, refs, 0.5)).prompt_ids
     # a partial exposure shows the teacher exactly the token prefix, and nothing after it
     half = _views(tok, expose_contexts(tok, refs, 0.5))
     for i in range(4):

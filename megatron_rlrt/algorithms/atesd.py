@@ -14,8 +14,8 @@ A controller picks rho. ``fixed:RHO`` always answers RHO (the paper's fixed-expo
                 policy is unimodal; ``hidden`` > 0 puts one tanh layer in front of the head);
                 the first decision is Beta(init_concentration, init_concentration) -> mean 0.5;
   hold          rho_k is used for ``hold_window`` (H) consecutive student updates;
-  progress      m_k = the progress metric at the end of window k (probe-set accuracy when the
-                trainer has a probe set, else the mean training reward); delta_k = m_k - m_{k-1};
+  progress      m_k = the progress metric of window k: the mean training reward of the batches
+                drawn after 1..H updates with rho_k (``AdaptiveExposure``); delta_k = m_k - m_{k-1};
   reward        G_k = sum_{j < L} gamma^j delta_{k+j}: the decision's discounted learning
                 progress over its own window and the L - 1 windows after it (L = ``horizon``);
                 decision k is therefore scored at the end of window k + L - 1, "at the end of
@@ -293,30 +293,42 @@ class FixedExposure:
 
 class AdaptiveExposure:
     """``--teacher-exposure atesd``: a controller decision every H updates, held in between.
-    ``metric`` is the progress metric before this update (end of the previous window)."""
+
+    ``metric`` is the progress metric measured at this update, before it trains (the trainer
+    passes the batch's mean training reward: the accuracy of the policy as it stands). Window
+    k's progress m_k is the mean metric over the H updates that follow its first one (the
+    policy after 1..H updates with rho_k), which averages out the noise of single batches;
+    m_0 is the metric at the very first update.
+    """
 
     def __init__(self, config: AtesdConfig, stat_names: Sequence[str] = STAT_NAMES):
         self.controller = AtesdController(config, stat_names)
         self.window_start: Optional[int] = None
+        self.window_metrics: list[float] = []
         self.rho: Optional[float] = None
 
     def rho_for_update(self, update: int, stats: Mapping[str, float], metric: float) -> float:
+        if self.window_start is not None and update > self.window_start:
+            self.window_metrics.append(float(metric))
         if self.window_start is None or update - self.window_start >= self.controller.config.hold_window:
             if self.window_start is not None:
-                self.controller.finish_window(metric)
+                self.controller.finish_window(sum(self.window_metrics) / len(self.window_metrics))
+                self.window_metrics = []
             self.rho = self.controller.decide(stats, metric)
             self.window_start = update
         return self.rho
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in self.controller.last.items()}
+        return dict(self.controller.last)
 
     def state_dict(self) -> dict:
-        return {"controller": self.controller.state_dict(), "window_start": self.window_start, "rho": self.rho}
+        return {"controller": self.controller.state_dict(), "window_start": self.window_start,
+                "window_metrics": list(self.window_metrics), "rho": self.rho}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.controller.load_state_dict(state["controller"])
         self.window_start = state["window_start"]
+        self.window_metrics = [float(x) for x in state["window_metrics"]]
         self.rho = state["rho"]
 
 

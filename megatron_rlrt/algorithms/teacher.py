@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from megatron_rlrt.algorithms.atesd import expose_prefix
 from megatron_rlrt.algorithms.methods import SUCCESS_THRESHOLD, get_method, is_correct
 
 DEFAULT_TEMPLATE = "{prompt}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
@@ -215,11 +216,14 @@ def build_teacher_views(
     response_lengths: Optional[Sequence[int]] = None,
     generator: Optional[torch.Generator] = None,
     success_threshold: float = SUCCESS_THRESHOLD,
+    exposure: float = 1.0,
 ) -> TeacherViews:
     """Teacher prompt ids for every rollout that needs (and can get) a teacher view.
 
     ``prompts`` and the reference lists may be given per sample (length B) or per group
-    (length B / group_size). ``enable_thinking`` must be the student's setting.
+    (length B / group_size). ``enable_thinking`` must be the student's setting. ``exposure``
+    rho shows the teacher only the first floor(rho * n) tokens of its context (ATESD,
+    ``algorithms.atesd``); 1 = the whole context, exactly as without it.
     """
     spec = get_method(method)
     batch = rewards.shape[0]
@@ -253,6 +257,7 @@ def build_teacher_views(
         key = (i // group_size, contexts[i])
         if key not in cache:
             solution = strip_thinking(contexts[i]) if config.strip_thinking else contexts[i]
+            solution = expose_prefix(tokenizer, solution, exposure)
             cache[key] = fit_teacher_prompt(tokenizer, prompts[i], solution, config.template, enable_thinking,
                                             config.max_teacher_prompt_len)
         ids, was_cut = cache[key]

@@ -107,6 +107,12 @@ class Config:
     colocate: bool = _f(False, "rollout servers share the training GPUs (release/resume memory around training)")
     rollout_num_gpus_per_engine: int = _f(1, "GPUs (tensor-parallel size) per rollout server")
     update_weight_buffer_size: int = _f(512 * 1024**2, "bytes per weight-sync bucket")
+    rollout_quantization: Optional[str] = _f(None, "FP8 rollouts: servers run W8A8 blockwise-FP8 GEMMs (--quantization "
+                                                   "fp8) and every weight update is sent as FP8 weights with 128x128 "
+                                                   "block scales; keep --tis-clip on", choices=("fp8",))
+    rollout_model_path: Optional[str] = _f(None, "Hugging Face checkpoint the launched rollout servers load (default: "
+                                                 "--hf-checkpoint); with --rollout-quantization fp8 a blockwise-FP8 "
+                                                 "checkpoint of the same model, e.g. Qwen/Qwen3-8B-FP8")
 
     # ---- algorithm ---------------------------------------------------------------------------
     advantage_estimator: str = _f("rlrt", "training method (rlrt: reversed-teacher token weights on correct rollouts, eq. 6-7)", choices=METHOD_NAMES)

@@ -133,7 +133,7 @@ def check(cfg: Any, capability: Optional[Capability] = None) -> list[str]:
     ``capability``: the machine (default: this one). Hardware is checked only when FP8 is on.
     """
     opts = Fp8Options.from_config(cfg)
-    problems: list[str] = []
+    problems: list[str] = check_rollout(cfg)
 
     def need(cond, msg):
         if not cond:
@@ -193,6 +193,43 @@ def check(cfg: Any, capability: Optional[Capability] = None) -> list[str]:
             MIN_TE_VERSION[opts.fp8_recipe]):
         problems.append(f"{fmt} needs Transformer Engine >= {MIN_TE_VERSION[opts.fp8_recipe]} "
                         f"(installed: {cap.te_version})")
+    return problems
+
+
+def check_rollout(cfg: Any) -> list[str]:
+    """Problems with ``--rollout-quantization`` / ``--rollout-model-path`` (servers' precision)."""
+    import json
+    import os
+    import warnings
+
+    quant = getattr(cfg, "rollout_quantization", None)
+    model_path = getattr(cfg, "rollout_model_path", None)
+    problems = []
+    if model_path is not None and not os.path.isfile(os.path.join(model_path, "config.json")):
+        problems.append(f"--rollout-model-path {model_path}: no config.json there (expected a Hugging Face checkpoint)")
+        model_path = None
+    if quant is None:
+        return problems
+    if quant != "fp8":
+        return problems + [f"--rollout-quantization {quant!r}: expected fp8"]
+    if getattr(cfg, "rollout_engine", "hf") not in ("sglang", "vllm"):
+        problems.append(f"--rollout-quantization fp8 needs --rollout-engine sglang or vllm (the {cfg.rollout_engine!r} "
+                        "engine generates in the trainer's precision)")
+    if model_path is None and not getattr(cfg, "rollout_urls", None) and getattr(cfg, "rollout_model_path", None) is None:
+        problems.append("--rollout-quantization fp8 needs --rollout-model-path: a blockwise-FP8 checkpoint of the same "
+                        "model (e.g. Qwen/Qwen3-8B-FP8) for the servers to start from, so that their quantization_config "
+                        "matches the FP8 weights each update sends")
+    if model_path is not None:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            qc = (json.load(f) or {}).get("quantization_config") or {}
+        if qc.get("quant_method") != "fp8" or list(qc.get("weight_block_size") or []) != [128, 128]:
+            problems.append(f"--rollout-model-path {model_path}: config.json's quantization_config is {qc or None}; "
+                            "--rollout-quantization fp8 needs a blockwise-FP8 checkpoint (quant_method fp8, "
+                            "weight_block_size [128, 128])")
+    if not getattr(cfg, "tis_clip", 0):
+        warnings.warn("--rollout-quantization fp8 with --tis-clip 0: the FP8 rollout policy differs from the trainer's; "
+                      "verl reports a clear accuracy drop for FP8 rollouts without truncated importance sampling",
+                      stacklevel=2)
     return problems
 
 

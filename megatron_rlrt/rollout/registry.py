@@ -24,9 +24,10 @@ def _hf(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
 
 
 def _server_kwargs(cfg, hf_dir: str) -> dict:
-    return dict(model_path=hf_dir, rollout_urls=cfg.rollout_urls, colocate=cfg.colocate,
+    return dict(model_path=cfg.rollout_model_path or hf_dir, rollout_urls=cfg.rollout_urls, colocate=cfg.colocate,
                 rollout_num_gpus_per_engine=cfg.rollout_num_gpus_per_engine,
-                update_weight_buffer_size=cfg.update_weight_buffer_size, seed=cfg.seed, progress=cfg.progress)
+                update_weight_buffer_size=cfg.update_weight_buffer_size, seed=cfg.seed, progress=cfg.progress,
+                quantization=cfg.rollout_quantization)
 
 
 def _sglang(cfg, hf_dir: str, tokenizer) -> RolloutEngine:

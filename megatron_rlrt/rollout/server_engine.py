@@ -85,7 +85,11 @@ class ServerEngineBase:
         progress: bool = True,
         seed: int | None = None,
         initial_weight_version: int = 0,
+        quantization: str | None = None,
     ):
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization {quantization!r}: only 'fp8' (blockwise FP8 rollouts) is supported")
+        self.quantization = quantization
         self.model_path = model_path
         self.colocate = bool(colocate)
         self.num_gpus_per_engine = int(rollout_num_gpus_per_engine)
@@ -136,6 +140,15 @@ class ServerEngineBase:
 
     async def _send_generate(self, session, endpoint: hc.Endpoint, job) -> list[RolloutSample]:
         raise NotImplementedError
+
+    def _outgoing(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterable[list[tuple[str, torch.Tensor]]]:
+        """Weight-update buckets as the servers hold the weights: blockwise FP8 with
+        ``quantization="fp8"`` (``rollout/fp8_weights.py``), unchanged otherwise."""
+        if self.quantization != "fp8":
+            return buckets
+        from megatron_rlrt.rollout.fp8_weights import quantize_buckets
+
+        return quantize_buckets(buckets)
 
     def _default_num_gpus(self) -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else self.num_gpus_per_engine

@@ -153,7 +153,7 @@ class SGLangEngine(ServerEngineBase):
         cmd = sglang_server_command(
             self.model_path, placement, python=self.python, mem_fraction_static=self.mem_fraction_static,
             enable_memory_saver=self.colocate, dtype=self.dtype, weight_version=str(self.weight_version),
-            seed=self.seed, extra_args=self.extra_server_args)
+            seed=self.seed, quantization=self.quantization, extra_args=self.extra_server_args)
         env = dict(self.server_env)
         if self.logprobs == "raw":
             env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
@@ -256,7 +256,7 @@ class SGLangEngine(ServerEngineBase):
         """All of a weight update from this process through ``self.transport``."""
         self._check_open()
         t0 = time.perf_counter()
-        self.transport.update(self, buckets, version)
+        self.transport.update(self, self._outgoing(buckets), version)
         self.metrics["perf/weight_sync_s"] = time.perf_counter() - t0
 
     def begin_update(self, version: int) -> None:
@@ -272,7 +272,7 @@ class SGLangEngine(ServerEngineBase):
         self._check_open()
         if isinstance(self.transport, DiskTransport):
             raise RolloutError("send_buckets does not apply to weight_sync='disk'")
-        self.transport.send_buckets(self, buckets, version)
+        self.transport.send_buckets(self, self._outgoing(buckets), version)
 
     def abort_update(self) -> None:
         """Close a session a failed update left open (best effort; the original error matters)."""

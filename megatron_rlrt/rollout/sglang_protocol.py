@@ -395,7 +395,8 @@ def server_args(*, model_path: str, host: str, port: int, tp_size: int = 1, base
                 nccl_port: int | None = None, mem_fraction_static: float | None = None,
                 enable_memory_saver: bool = False, dtype: str | None = None, weight_version: str | None = None,
                 random_seed: int | None = None, skip_tokenizer_init: bool = True,
-                nnodes: int = 1, node_rank: int = 0, dist_init_addr: str | None = None) -> list[str]:
+                nnodes: int = 1, node_rank: int = 0, dist_init_addr: str | None = None,
+                quantization: str | None = None) -> list[str]:
     """``sglang.launch_server`` flags (ServerArgs fields, ``--field-name`` spelling)."""
     args = ["--model-path", model_path, "--host", host, "--port", str(port), "--tp-size", str(tp_size),
             "--base-gpu-id", str(base_gpu_id)]
@@ -407,6 +408,8 @@ def server_args(*, model_path: str, host: str, port: int, tp_size: int = 1, base
         args += ["--enable-memory-saver"]
     if dtype:
         args += ["--dtype", dtype]
+    if quantization:  # "fp8": W8A8 FP8 linear layers (a blockwise-FP8 checkpoint: see rollout/fp8_weights.py)
+        args += ["--quantization", quantization]
     if weight_version is not None:
         args += ["--weight-version", str(weight_version)]
     if random_seed is not None:

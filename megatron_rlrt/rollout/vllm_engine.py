@@ -159,7 +159,7 @@ class VLLMEngine(ServerEngineBase):
             self.model_path, placement, python=self.python, dtype=self.dtype, max_model_len=self.max_model_len,
             seed=self.seed, logprobs_mode=self.logprobs_mode, enable_sleep_mode=self.colocate and torch.cuda.is_available(),
             gpu_memory_utilization=self.gpu_memory_utilization, served_model_name=self.served_model_name,
-            extra_args=self.extra_server_args)
+            quantization=self.quantization, extra_args=self.extra_server_args)
         cmd += ["--worker-extension-cls", WORKER_EXTENSION]
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
@@ -218,7 +218,7 @@ class VLLMEngine(ServerEngineBase):
         reset its prefix cache, set and check its weight version."""
         self._check_open()
         t0 = time.perf_counter()
-        snapshot = self._write_snapshot(buckets, version)
+        snapshot = self._write_snapshot(self._outgoing(buckets), version)
         t_write = time.perf_counter() - t0
         self._control("POST", "/collective_rpc",
                       {"method": "megatron_rlrt_reload_weights", "kwargs": {"weights_path": snapshot}},

@@ -113,3 +113,54 @@ def test_rollout_quantization_is_checked_before_any_work(tmp_path):
     with pytest.warns(UserWarning, match="without truncated importance sampling"):
         precision.check_rollout(parse_config(base + ["--rollout-model-path", fp8_dir, "--tis-clip", "0"]))
     assert parse_config(base).tis_clip == 2.0  # TIS is on by default
+
+
+# --- the FP8 recipes and the FP8 checkpoint tool ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name,recipe,good,bad", [("qwen3_8b_base_fp8_h100", "blockwise", "H100", "L40S"),
+                                                  ("qwen3_8b_base_fp8_b200", "mxfp8", "B200", "H100")])
+def test_fp8_recipes_are_the_bf16_recipe_plus_fp8(tmp_path, name, recipe, good, bad):
+    import os
+
+    from megatron_rlrt.config import load_recipe
+    from tests.test_precision import B200, H100, L40S
+
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "recipes")
+    base, fp8 = (load_recipe(os.path.join(recipes, f"{n}.yaml")) for n in ("qwen3_8b_base", name))
+    assert {k: v for k, v in fp8.items() if k in base and k != "save"} == {k: v for k, v in base.items() if k != "save"}
+    assert set(fp8) - set(base) == {"fp8_format", "fp8_recipe", "fp8_param_gather", "logprob_precision",
+                                    "rollout_quantization", "rollout_model_path"}
+    assert fp8["fp8_recipe"] == recipe and fp8["rollout_quantization"] == "fp8"
+    fp8_dir = _checkpoint(tmp_path, "fp8", fp8_weights.QUANTIZATION_CONFIG)
+    cfg = parse_config(["--config", os.path.join(recipes, f"{name}.yaml"), "--rollout-model-path", fp8_dir])
+    machines = {"H100": H100, "B200": B200, "L40S": L40S}
+    assert precision.check(cfg, machines[good]) == []
+    problems = precision.check(cfg, machines[bad])
+    assert len(problems) == 1 and f"--fp8-recipe {recipe} needs" in problems[0]
+
+
+def test_quantize_fp8_checkpoint_tool(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_rlrt.models.hf_checkpoint import load_hf_weights
+    from megatron_rlrt.models.qwen3 import Qwen3Spec
+    from tools.quantize_fp8_checkpoint import main
+
+    out = tmp_path / "fp8"
+    assert main(["--hf-dir", tiny_model, "--output-dir", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == fp8_weights.QUANTIZATION_CONFIG
+    assert (out / "tokenizer.json").is_file()
+    src = load_hf_weights(tiny_model, Qwen3Spec.from_hf_dir(tiny_model))
+    written = load_file(str(out / "model.safetensors"))
+    for name in src:
+        if fp8_weights.is_fp8_weight(name):
+            q, s = written[name], written[name + "_scale_inv"]
+            assert q.dtype == torch.float8_e4m3fn
+            assert torch.equal(dequantize_blockwise(q, s), dequantize_blockwise(*quantize_blockwise(src[name])))
+        else:
+            assert torch.equal(written[name], src[name]), name
+    assert precision.check_rollout(parse_config(["--rollout-engine", "vllm", "--rollout-quantization", "fp8",
+                                                 "--rollout-model-path", str(out)])) == []
+    assert main(["--hf-dir", str(out), "--output-dir", str(tmp_path / "again")]) == 2  # already quantized

@@ -39,7 +39,10 @@ class Config:
     save_interval: int = _f(0, "save a checkpoint every N RL steps (0: only at the end)")
     keep_last_n_checkpoints: int = _f(2, "how many checkpoints to keep (older ones are deleted after a new one is "
                                          "complete)")
-    no_auto_resume: bool = _f(False, "start from scratch even if --save holds checkpoints (they are kept)")
+    no_auto_resume: bool = _f(False, "start from scratch even if --save holds a previous run; that run is kept "
+                                     "untouched and this one writes into a new subdirectory <save>/restart-N")
+    overwrite: bool = _f(False, "delete the previous run in --save (checkpoints, metrics.jsonl, tensorboard/) and "
+                                "start over; without it a used --save is resumed from checkpoints/latest or refused")
     bf16: bool = _f(False, "train with bfloat16 parameters (fp32 master weights in the optimizer)")
 
     # ---- precision: Transformer Engine FP8 (Megatron-LM's flags; megatron_rlrt/precision.py) ----
@@ -232,16 +235,33 @@ class Config:
                      "rollout_batch_size", "n_samples_per_prompt", "micro_batch_size", "rollout_max_response_len",
                      "train_iters", "max_tokens_per_gpu"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        need(self.n_samples_per_prompt >= 2 or self.advantage_estimator in ("sdpo", "opsd"),
+        need(self.n_samples_per_prompt < 1 or self.n_samples_per_prompt >= 2
+             or self.advantage_estimator in ("sdpo", "opsd"),
              f"--n-samples-per-prompt {self.n_samples_per_prompt}: group advantages need at least 2 samples per prompt")
-        if self.global_batch_size is not None:
+        for name in ("log_interval", "eval_n_samples", "keep_last_n_checkpoints", "rollout_batch_size_per_forward",
+                     "rollout_num_gpus_per_engine", "update_weight_buffer_size"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        for name in ("save_interval", "eval_interval", "lr_warmup_iters", "rollout_max_prompt_len",
+                     "teacher_max_prompt_len"):
+            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
+        need(self.reward_timeout > 0, f"--reward-timeout {self.reward_timeout} must be > 0 (seconds)")
+        need(self.reward_workers is None or self.reward_workers >= 1,
+             f"--reward-workers {self.reward_workers} must be >= 1")
+        need(self.eval_max_prompts is None or self.eval_max_prompts >= 1,
+             f"--eval-max-prompts {self.eval_max_prompts} must be >= 1")
+        need(self.eval_temperature > 0, f"--eval-temperature {self.eval_temperature} must be > 0")
+        need(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
+        need(self.virtual_pipeline_model_parallel_size is None or self.virtual_pipeline_model_parallel_size >= 1,
+             "--virtual-pipeline-model-parallel-size must be >= 1")
+        if self.global_batch_size is not None and self.n_samples_per_prompt >= 1 and self.rollout_batch_size >= 1:
             need(self.global_batch_size >= 1 and self.samples_per_step % self.global_batch_size == 0,
                  f"--global-batch-size {self.global_batch_size} must divide --rollout-batch-size x "
                  f"--n-samples-per-prompt = {self.samples_per_step}")
             need(self.global_batch_size % self.n_samples_per_prompt == 0,
                  f"--global-batch-size {self.global_batch_size} must be a multiple of --n-samples-per-prompt "
                  f"{self.n_samples_per_prompt} (whole groups per optimizer step)")
-        if world_size is not None:
+        if world_size is not None and min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                                          self.context_parallel_size) >= 1:
             mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
             if world_size % mp:
                 problems.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
@@ -249,7 +269,7 @@ class Config:
             else:
                 dp = world_size // mp
                 per_step = self.global_batch_size or self.samples_per_step
-                need(per_step % dp == 0, f"samples per optimizer step {per_step} (--global-batch-size or --rollout-"
+                need(per_step < 1 or per_step % dp == 0, f"samples per optimizer step {per_step} (--global-batch-size or --rollout-"
                      f"batch-size x --n-samples-per-prompt) must be divisible by the data-parallel size {dp}")
         need(0.0 <= self.rlrt_lambda <= 1.0, f"--rlrt-lambda {self.rlrt_lambda} must be in [0, 1]")
         need(self.rlrt_clip_eps >= 0, f"--rlrt-clip-eps {self.rlrt_clip_eps} must be >= 0")
@@ -284,10 +304,36 @@ class Config:
         from megatron_rlrt import precision
 
         problems += precision.check(self, capability)
+        problems.append(self._model_layout_problem())
+        from megatron_rlrt.trainer import run_dir
+
+        problems.append(run_dir.problem(self.save, self.overwrite, self.no_auto_resume))
         problems = [p for p in problems if p]
+        if len(problems) == 1:
+            raise ConfigError(f"invalid configuration: {problems[0]}")
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
+
+    def _model_layout_problem(self) -> str | None:
+        """TP/PP that cannot split the model, found from its config before any rank starts."""
+        from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec
+
+        try:
+            if self.load and os.path.isdir(self.load):
+                from megatron_rlrt.models.megatron_checkpoint import spec_of_checkpoint
+
+                spec = spec_of_checkpoint(self.load)
+            elif self.hf_checkpoint and os.path.isfile(os.path.join(self.hf_checkpoint, "config.json")):
+                spec = Qwen3Spec.from_hf_dir(self.hf_checkpoint)
+            else:
+                return None
+            if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size) >= 1:
+                spec.check_parallel(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                                    self.virtual_pipeline_model_parallel_size)
+        except (CheckpointError, ValueError) as exc:
+            return str(exc)
+        return None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -321,10 +367,17 @@ def _field_type(f: dataclasses.Field):
     raise TypeError(f"unsupported config field type {f.type} for {f.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag error is a ConfigError (one line, printed by rank 0 only), not usage text from every rank."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse for every Config field; --help documents each one with its default."""
-    p = argparse.ArgumentParser(
-        prog="megatron-rlrt-train",
+    p = _Parser(
+        prog="megatron-rlrt-train", allow_abbrev=False,  # a typo must not silently set another flag
         description="RL post-training (RLRT, GRPO, RLSD, SDPO, SRPO, OPSD) of Qwen3 on megatron-core. "
                     "Run under torchrun for several ranks (examples/train_rlrt_qwen3.sh).",
     )
@@ -358,6 +411,12 @@ def load_recipe(path: str) -> dict:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -370,6 +429,10 @@ def load_recipe(path: str) -> dict:
             raise ConfigError(f"--config {path}: unknown option {key!r} (see --help)")
         if value is not None:
             typ = _field_type(known[name])
+            if typ is int and (isinstance(value, bool) or not isinstance(value, (int, str))):
+                raise ConfigError(f"--config {path}: option {key!r} = {value!r}: expected an integer")
+            if typ is float and isinstance(value, bool):
+                raise ConfigError(f"--config {path}: option {key!r} = {value!r}: expected a number")
             try:
                 value = _parse_bool(str(value)) if typ is bool and not isinstance(value, bool) else typ(value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:

@@ -45,3 +45,31 @@ def arithmetic_data(tmp_path_factory):
         r["solution"] = f"The sum is {r['answer']}. <answer>{r['answer']}</answer>"
     write_jsonl(rows, str(root / "train.jsonl"))
     return str(root / "train.jsonl")
+
+
+def run_cli(*args, timeout=900, **env):
+    """``python -m megatron_rlrt.trainer.cli ARGS`` from the repository root."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "megatron_rlrt.trainer.cli", *args], capture_output=True, text=True,
+                          cwd=repo, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def tiny_train_args(model, data, run, iters):
+    """A 1-rank CLI run of ``iters`` RL steps on the tiny model, a checkpoint every step."""
+    return ["--hf-checkpoint", model, "--prompt-data", data, "--save", str(run), "--train-iters", str(iters),
+            "--save-interval", "1", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+            "--rollout-max-response-len", "4", "--advantage-estimator", "grpo", "--reward-workers", "1",
+            "--no-progress", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, arithmetic_data, tmp_path_factory):
+    """A run directory from the CLI holding checkpoints iter_0000001, iter_0000002 (latest) and
+    metrics.jsonl. Tests copy it before changing anything."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    r = run_cli(*tiny_train_args(tiny_model, arithmetic_data, run, 2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run

@@ -9,12 +9,21 @@ Layout of a checkpoint directory::
 dist_checkpointing stores every tensor with its global shape and offsets, so a checkpoint
 written at one TP/PP layout loads at any other. Trainer checkpoints use the same layout and
 add optimizer / trainer state beside ``model/``.
+
+Trust: torch's distributed checkpoint (DCP) unpickles two things without limits: the
+directory's ``.metadata`` (``pickle.load``) and each non-tensor object, e.g. megatron's
+``common_state`` and ``_extra_state`` (``torch.load(weights_only=False)``). We close both:
+:func:`check_dcp_metadata` first replays ``.metadata`` with an unpickler that admits only the
+plain data classes torch writes there (tensor/chunk metadata, dtypes, sizes), and
+:func:`weights_only_dcp_objects` makes DCP read the objects with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from typing import Iterator, Sequence
 
 import torch
@@ -23,6 +32,7 @@ import torch.distributed as dist
 from megatron_rlrt.fsutil import atomic_output_dir
 from megatron_rlrt.models import mapping as mp
 from megatron_rlrt.models.hf_checkpoint import copy_aux_files
+from megatron_rlrt.models.manifest import verify_manifest, write_manifest
 from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec
 
 FORMAT = "megatron-rlrt"
@@ -50,12 +60,87 @@ def write_model_dir(chunks: Sequence[torch.nn.Module], path: str) -> None:
     dist_checkpointing.save(sharded_model_state(chunks), path)
 
 
+# What torch.distributed.checkpoint writes into .metadata: dataclasses and enums of these modules,
+# torch dtypes / Size / layouts, and nothing else.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension",
+                "torch.distributed.checkpoint.storage")
+_DCP_EXACT = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+              ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "bytearray")}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_EXACT:
+            return super().find_class(module, name)
+        if module == "torch":
+            import torch as _t
+
+            obj = getattr(_t, name, None)
+            if isinstance(obj, (_t.dtype, _t.layout, _t.memory_format)):
+                return obj
+        elif module in _DCP_MODULES and "." not in name:
+            import importlib
+
+            import dataclasses
+            import enum
+
+            obj = getattr(importlib.import_module(module), name, None)
+            # a dataclass or an enum defined in that module: never a function, never a class
+            # whose constructor does I/O (FileSystemWriter, ...)
+            if (isinstance(obj, type) and obj.__module__ == module
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not something torch's checkpoint metadata holds")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in checkpoint metadata")
+
+
+def _load_bytes_weights_only(self, read_item, value) -> None:
+    """DefaultLoadPlanner.load_bytes with ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    obj = torch.load(value, weights_only=True)
+    if self.flatten_state_dict:
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+    else:
+        self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def weights_only_dcp_objects() -> None:
+    """Make torch DCP (and megatron's planner, a subclass) unpickle non-tensor checkpoint objects
+    with ``weights_only=True`` in this process (idempotent)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    DefaultLoadPlanner.load_bytes = _load_bytes_weights_only
+
+
+def check_dcp_metadata(path: str) -> None:
+    """Refuse a distributed-checkpoint directory whose pickled ``.metadata`` holds anything but
+    the plain data torch writes there, before torch's reader unpickles it without limits.
+    Also switches DCP's object loading to ``weights_only=True``."""
+    weights_only_dcp_objects()
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read the distributed-checkpoint metadata ({exc})") from None
+    try:
+        _DataOnlyUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001  (any failure: refuse, name the file)
+        raise CheckpointError(f"{file}: refused to load ({type(exc).__name__}: {exc}); this checkpoint metadata "
+                              "is damaged or was crafted to run code") from None
+
+
 def read_model_dir(chunks: Sequence[torch.nn.Module], path: str) -> None:
     """Load ``path`` (written at any TP/PP layout) into this rank's model chunks (collective)."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no megatron model checkpoint here")
+    check_dcp_metadata(path)
     state = dist_checkpointing.load(sharded_model_state(chunks), path)
     if len(chunks) == 1:
         mp.unwrap(chunks[0]).load_state_dict(state["model"], strict=True)
@@ -111,6 +196,7 @@ def save_model_checkpoint(
             os.makedirs(os.path.join(tmp, HF_DIR))
             copy_hf_config_dir(hf_dir, os.path.join(tmp, HF_DIR))
             write_metadata(tmp, spec, **metadata)
+        write_manifest(tmp)
 
 
 def copy_hf_config_dir(src: str, dst: str) -> None:
@@ -121,7 +207,11 @@ def copy_hf_config_dir(src: str, dst: str) -> None:
 
 
 def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str) -> dict:
-    """Load a checkpoint written by ``save_model_checkpoint`` (any layout); returns metadata."""
+    """Load a checkpoint written by ``save_model_checkpoint`` or the trainer (any layout);
+    returns metadata. Its manifest (if it has one) is checked first (collective)."""
+    problem = verify_manifest(ckpt_dir)
+    if problem:
+        raise CheckpointError(problem)
     meta = read_metadata(ckpt_dir)
     read_model_dir(chunks, os.path.join(ckpt_dir, MODEL_DIR))
     return meta

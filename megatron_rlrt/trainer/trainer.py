@@ -56,6 +56,7 @@ from megatron_rlrt.ops import rlrt_epilogue
 from megatron_rlrt.rollout.base import RolloutError, SamplingParams
 from megatron_rlrt.rollout.weight_sync import sync_weights
 from megatron_rlrt.trainer import checkpoint as ckpt
+from megatron_rlrt.trainer import run_dir
 from megatron_rlrt.trainer.metrics import MetricsWriter, console_line, phase, reduce_to_rank0
 from megatron_rlrt.trainer.model_step import StepOptions, collect, student_values, train_minibatch
 from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample, dp_shard, padded
@@ -137,12 +138,12 @@ class Trainer:
             wd_incr_steps=total, wd_incr_style="constant")
 
     def _restore(self):
-        path = None if self.cfg.no_auto_resume else ckpt.latest_checkpoint(self.cfg.save)
+        path = run_dir.prepare(self.cfg, log=self._log)  # resume, --overwrite, --no-auto-resume, or refuse
         self.resumed_from = path
         if path is None:
             self.loader_state = None
             return 0, None
-        state, rng = ckpt.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        state, rng = ckpt.load_checkpoint(path, self.chunks, self.optimizer, self.scheduler, log=self._log)
         self.loader_state = state.get("loader")
         self._log(f"resumed from {path} (step {state['step']})")
         return int(state["step"]), rng

@@ -10,8 +10,12 @@ Rules, in the order the verifiers apply them:
 2. Math: the content of the LAST complete ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces
    and escaped ``\\{``/``\\}`` handled, ``\\boxed 5`` accepted). When there is none, the last
    ``Answer: ...`` line (the DAPO-Math-17k prompt asks for that form). Neither: ``no_boxed``.
-3. reasoning-gym: the last ``<answer>...</answer>`` (same regex as
-   ``reasoning_gym.utils.extract_answer``), else the last boxed answer, else ``no_answer``.
+3. reasoning-gym: the last ``<answer>...</answer>`` (what ``reasoning_gym.utils.extract_answer``'s
+   regex finds), else the last boxed answer, else ``no_answer``.
+
+Every function here is linear in the response length (a 20k-token response of ``\\boxed{``
+or ``<answer>`` repeated must not stall the trainer), and the verifiers call them inside the
+timed scoring worker anyway.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ THINK_CLOSE = "</think>"
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_LINE_RE = re.compile(r"(?i)\banswer\s*:\s*([^\n]+)")
-# Same pattern as reasoning_gym.utils.extract_answer (kept here so the parent process need not
-# import reasoning_gym, which takes seconds).
-_ANSWER_TAG_RE = re.compile(r"<answer>\s?(.*?)\s?</answer>", flags=re.DOTALL)
+_TOKEN_RE = re.compile(r"[^\s$]+")
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
 def split_think(text: str) -> tuple[str | None, str]:
@@ -40,47 +43,53 @@ def split_think(text: str) -> tuple[str | None, str]:
     return text, "none"
 
 
-def _braced(text: str, start: int) -> int | None:
-    """Index just past the ``}`` matching the ``{`` at ``start``, or None if unbalanced."""
-    depth = 0
-    i = start
-    n = len(text)
+def _matching_braces(text: str) -> dict[int, int]:
+    """{index of '{': index just past its matching '}'} for every balanced pair, in one pass.
+
+    A backslash escapes the next character (\\{, \\}, \\\\ never change the depth). Scanning from
+    any unescaped ``{`` until the depth returns to 0 finds the same partner, so this one
+    stack pass answers every ``\\boxed{`` at once (a scan per candidate is quadratic)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
-            i += 2  # an escaped char (\{, \}, \\) never changes the depth
+            i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i + 1
         i += 1
-    return None
+    return pairs
 
 
-def _box_content(text: str, end_of_name: int) -> str | None:
+def _box_content(text: str, end_of_name: int, pairs: dict[int, int]) -> str | None:
     """Content of one ``\\boxed`` whose name ends at ``end_of_name``; None if malformed."""
     i = end_of_name
     n = len(text)
     while i < n and text[i] in " \t":
         i += 1
     if i < n and text[i] == "{":
-        close = _braced(text, i)
+        close = pairs.get(i)
         if close is None:
             return None
         return text[i + 1 : close - 1].strip()
     if i > end_of_name and i < n:  # "\boxed 5": one token after a space
-        m = re.match(r"[^\s$]+", text[i:])
+        m = _TOKEN_RE.match(text, i)
         return m.group(0) if m else None
     return None
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{}``/``\\fbox{}`` in ``text``, or None."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        content = _box_content(text, m.end())
+    names = list(_BOX_RE.finditer(text))
+    if not names:
+        return None
+    pairs = _matching_braces(text)
+    for m in reversed(names):
+        content = _box_content(text, m.end(), pairs)
         if content is not None:
             return content
     return None
@@ -100,9 +109,17 @@ def last_answer_line(text: str) -> str | None:
 
 
 def last_answer_tag(text: str) -> str | None:
-    """Content of the last ``<answer>...</answer>``, stripped, or None."""
-    matches = list(_ANSWER_TAG_RE.finditer(text))
-    return matches[-1].group(1).strip() if matches else None
+    """Content of the last ``<answer>...</answer>``, stripped, or None: the last match of
+    reasoning-gym's ``<answer>\\s?(.*?)\\s?</answer>`` (DOTALL), found with ``str.find`` in one
+    left-to-right pass (the regex rescans to the end for every unclosed ``<answer>``)."""
+    found, pos = None, 0
+    while (start := text.find(ANSWER_OPEN, pos)) >= 0:
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            break  # no later <answer> can close either
+        found = text[start + len(ANSWER_OPEN) : end]
+        pos = end + len(ANSWER_CLOSE)
+    return found.strip() if found is not None else None
 
 
 def extract_math_answer(response: str, answer_line_fallback: bool = True) -> tuple[str | None, str]:

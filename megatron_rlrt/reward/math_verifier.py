@@ -1,8 +1,8 @@
 """``math``: final answers checked with math-verify against the sample's gold answer.
 
-Extraction (in the trainer process, see ``extract.py``): text after the last ``</think>``,
-last ``\\boxed{}``/``\\fbox{}``, else the last ``Answer:`` line. Checking (in a worker
-process): ``verify(parse(gold), parse(pred))`` with a hard per-item timeout.
+Extraction (``extract.py``): text after the last ``</think>``, last ``\\boxed{}``/``\\fbox{}``,
+else the last ``Answer:`` line. Extraction and checking, ``verify(parse(gold), parse(pred))``,
+both run in a worker process under a hard per-item timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class MathVerifier(PooledVerifier):
 
     name = "math"
     item_fn = staticmethod(worker.score_math)
+    extract_fn = staticmethod(extract_math_answer)
 
     def __init__(self, answer_line_fallback: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -29,7 +30,4 @@ class MathVerifier(PooledVerifier):
         gold = sample_field(sample, "answer")
         if gold is None or not str(gold).strip():
             return RewardResult.fail("bad_gold", detail="the sample has no gold answer")
-        pred, reason = extract_math_answer(response, self.answer_line_fallback)
-        if pred is None:
-            return RewardResult.fail(reason)
-        return pred, (pred, str(gold), self.inner_timeout_s)
+        return (self.answer_line_fallback,), (str(gold), self.inner_timeout_s)

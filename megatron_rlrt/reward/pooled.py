@@ -1,23 +1,28 @@
-"""Base for verifiers that extract in the trainer process and check in the scoring pool."""
+"""Base for verifiers that extract and check an answer in the scoring pool (timed workers)."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable, Sequence
 
+from megatron_rlrt.reward import worker
 from megatron_rlrt.reward.base import RewardBatch, RewardResult, Verifier
 from megatron_rlrt.reward.pool import ScoringPool
 
 
 class PooledVerifier(Verifier):
-    """Subclasses implement ``prepare`` (cheap, in-process) and name a worker function.
+    """Subclasses implement ``prepare`` (cheap, in-process) and name worker functions.
 
-    ``prepare(response, sample)`` returns either a finished :class:`RewardResult` (e.g. no
-    answer found: no need to cross a process boundary) or ``(extracted, args)`` where
-    ``args`` is the tuple passed to ``item_fn`` in a worker.
+    ``prepare(response, sample)`` returns either a finished :class:`RewardResult` (e.g. the
+    sample has no gold answer) or ``(extracted, args)`` where ``args`` is the tuple passed to
+    ``item_fn(extracted, ...)`` in a worker. A subclass that sets ``extract_fn`` (a
+    module-level ``fn(response, *extract_args) -> (answer | None, reason)``) instead returns
+    ``(extract_args, args)`` with ``extracted`` None: extraction then runs inside the timed
+    worker too (worker.extract_and_score), so a pathological response costs at most the timeout.
     """
 
     item_fn: Callable[..., tuple] | None = None
+    extract_fn: Callable[..., tuple] | None = None
 
     def __init__(
         self,
@@ -56,15 +61,21 @@ class PooledVerifier(Verifier):
         started = time.perf_counter()
         results: list[RewardResult | None] = [None] * len(responses)
         pending: list[tuple[int, str, tuple]] = []
+        tasks: list[tuple] = []
         for i, (resp, sample) in enumerate(zip(responses, samples)):
-            prepared = self.prepare(resp if isinstance(resp, str) else "", sample)
+            resp = resp if isinstance(resp, str) else ""
+            prepared = self.prepare(resp, sample)
             if isinstance(prepared, RewardResult):
                 results[i] = prepared
+            elif self.extract_fn is not None:
+                pending.append((i, None, prepared[1]))
+                tasks.append((self.extract_fn, prepared[0], self.item_fn, resp, prepared[1]))
             else:
                 pending.append((i, prepared[0], prepared[1]))
+                tasks.append(prepared[1])
         outcomes = self.pool.map(
-            self.item_fn,
-            [args for _, _, args in pending],
+            worker.extract_and_score if self.extract_fn is not None else self.item_fn,
+            tasks,
             timeout_s=self.timeout_s,
             batch_timeout_s=self.batch_timeout_s,
             progress=self.progress,
@@ -72,7 +83,11 @@ class PooledVerifier(Verifier):
         )
         killed = 0
         for (i, extracted, _), out in zip(pending, outcomes):
-            if out.status == "ok":
+            if out.status == "ok" and self.extract_fn is not None:
+                *score, extracted = out.value
+                results[i] = (self.finish(*score, extracted=extracted) if extracted is not None
+                              else RewardResult.fail(score[2]))
+            elif out.status == "ok":
                 results[i] = self.finish(*out.value, extracted=extracted)
             else:
                 killed += out.status == "timeout"

@@ -27,6 +27,7 @@ REQUIRED_META = ("task", "seed", "size", "index")
 class ReasoningGymVerifier(PooledVerifier):
     name = "reasoning_gym"
     item_fn = staticmethod(worker.score_reasoning_gym)
+    extract_fn = staticmethod(extract_tagged_answer)
 
     def __init__(self, correct_threshold: float = 1.0, binary: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -45,10 +46,7 @@ class ReasoningGymVerifier(PooledVerifier):
                 "bad_gold",
                 detail=f"sample lacks metadata[{METADATA_KEY!r}] with keys {REQUIRED_META}",
             )
-        answer, reason = extract_tagged_answer(response)
-        if answer is None:
-            return RewardResult.fail(reason)
-        return answer, (answer, meta, self.correct_threshold)
+        return (), (meta, self.correct_threshold)
 
     def finish(self, reward: float, correct: bool, reason: str, detail: str, extracted: str) -> RewardResult:
         if self.binary:

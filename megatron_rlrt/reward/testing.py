@@ -56,3 +56,14 @@ class HashParityVerifier:
 
     def close(self) -> None:
         pass
+
+
+def hang_extracting(response: str, *args) -> tuple:
+    """An extraction that never returns on a response containing ``HANG`` (standing in for a
+    pathological response); otherwise the real math extraction."""
+    from megatron_rlrt.reward.extract import extract_math_answer
+
+    if HANG_MARKER in response:
+        while True:
+            time.sleep(3600)
+    return extract_math_answer(response, *args)

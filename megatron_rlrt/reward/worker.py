@@ -20,6 +20,17 @@ from math_verify.errors import TimeoutException
 
 ItemScore = tuple[float, bool, str, str]
 
+
+def extract_and_score(extract, extract_args: tuple, score, response: str, score_args: tuple) -> tuple:
+    """Answer extraction and scoring of one response, both inside the timed worker: no
+    response, however long or adversarial, can stall the trainer's process. Returns
+    ``(reward, correct, reason, detail, extracted)``; ``extracted`` is None when nothing was
+    found (then ``reason`` says why, e.g. ``no_boxed``)."""
+    answer, reason = extract(response, *extract_args)
+    if answer is None:
+        return 0.0, False, reason, "", None
+    return (*score(answer, *score_args), answer)
+
 _EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 

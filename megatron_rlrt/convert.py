@@ -148,18 +148,42 @@ def compare(hf_dir: str, megatron_dir: str, tp: int = 1, pp: int = 1, prompts=DE
     theirs = Qwen3Spec(**read_metadata(ckpt)["spec"])
     if {**theirs.to_dict(), "dtype": None} != {**spec.to_dict(), "dtype": None}:
         raise CheckpointError(f"{hf_dir} and {ckpt} are different architectures: {spec} vs {theirs}")
+    token_ids = prompt_token_ids([hf_dir, os.path.join(ckpt, HF_DIR)], list(prompts), spec.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         out = result_file or os.path.join(tmp, "parity.json")
-        parallel.spawn(_compare_rank, tp * pp, hf_dir, ckpt, tp, pp, list(prompts), out)
+        parallel.spawn(_compare_rank, tp * pp, hf_dir, ckpt, tp, pp, token_ids, out)
         with open(out, encoding="utf-8") as f:
             return Parity(**json.load(f))
 
 
-def _compare_rank(hf_dir, ckpt, tp, pp, prompts, out):
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def prompt_token_ids(dirs: list[str], prompts: list[str], vocab_size: int) -> list[list[int]]:
+    """The compared token ids, all of one length: the prompts through the first of ``dirs``
+    with tokenizer files (the HF dir, then the checkpoint's hf/), else fixed ids below
+    ``vocab_size`` (said in one line): logits parity needs tokens, not a particular tokenizer."""
+    from megatron_rlrt.tokenizer import load_tokenizer
+
+    for d in dirs:
+        if any(os.path.isfile(os.path.join(d, f)) for f in _TOKENIZER_FILES):
+            tok = load_tokenizer(d)
+            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            length = min(len(i) for i in ids)
+            if length == 0:
+                raise ValueError(f"a prompt tokenizes to no tokens with the tokenizer of {d}; pass non-empty --prompt")
+            if max(max(i[:length]) for i in ids) < vocab_size:
+                _log(f"tokenizer: {d}")
+                return [i[:length] for i in ids]
+    _log(f"tokenizer: no tokenizer files in {' or '.join(dirs)}; comparing on fixed token ids instead of prompts")
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (len(prompts), 16), generator=g).tolist()
+
+
+def _compare_rank(hf_dir, ckpt, tp, pp, token_ids, out):
     import torch.distributed as dist
 
     from megatron_rlrt.models.forward import forward_logits
-    from megatron_rlrt.tokenizer import load_tokenizer
 
     parallel.initialize(parallel.ParallelLayout(tp, pp))
     try:
@@ -170,10 +194,7 @@ def _compare_rank(hf_dir, ckpt, tp, pp, prompts, out):
         load_model_checkpoint(chunks, ckpt)
         for c in chunks:
             c.eval()
-        tok = load_tokenizer(hf_dir)
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        length = min(len(i) for i in ids)
-        tokens = torch.tensor([i[:length] for i in ids])
+        tokens = torch.tensor(token_ids)
         logits = forward_logits(chunks, tokens)
         last = dist.get_world_size() - 1
         result = [None]

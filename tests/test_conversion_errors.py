@@ -124,3 +124,35 @@ def test_overwrite_keeps_old_checkpoint_until_new_one_is_complete(tmp_path):
     with atomic_output_dir(str(out), overwrite=True) as tmp:
         open(os.path.join(tmp, "new.bin"), "w").write("new")
     assert sorted(os.listdir(out)) == ["new.bin"]
+
+
+def test_architecture_and_model_type_disagreeing_is_warned(tmp_path, capsys):
+    """issue #13: architectures [LlamaForCausalLM] with model_type qwen3 converted silently."""
+    from megatron_rlrt.models.qwen3 import Qwen3Spec
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "qwen3", "vocab_size": 64, "hidden_size": 8,
+           "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0}
+    Qwen3Spec.from_hf_config(cfg, "x/config.json")
+    Qwen3Spec.from_hf_config(cfg, "x/config.json")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x/config.json: architectures ['LlamaForCausalLM'] and model_type 'qwen3' disagree" in err[0]
+    Qwen3Spec.from_hf_config({**cfg, "architectures": ["Qwen3ForCausalLM"]}, "y/config.json")
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_without_tokenizer_files_uses_fixed_ids(tiny_model, tmp_path):
+    """issue #13: a HF dir with weights + config but no tokenizer died deep in F.embedding."""
+    import shutil
+
+    from megatron_rlrt.convert import compare, hf_to_megatron
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(tiny_model):
+        if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(os.path.join(tiny_model, name), bare / name)
+    ckpt = tmp_path / "mc"
+    hf_to_megatron(str(bare), str(ckpt), 1, 1)
+    parity = compare(str(bare), str(ckpt), 1, 1)
+    assert parity.tokens == 3 * 16 and parity.max_abs_logit_diff <= 1e-4 and parity.top1_agreement == 1.0

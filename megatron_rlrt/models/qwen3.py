@@ -34,6 +34,18 @@ QWEN3_MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One stderr line per distinct message, from rank 0 only (configs are read several times)."""
+    import sys
+
+    if message not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 class CheckpointError(ValueError):
     """A checkpoint or config that cannot be used, with the file and the reason."""
 
@@ -73,6 +85,10 @@ class Qwen3Spec:
                 f"{source}: unsupported architecture {archs or None} (model_type={model_type!r}); "
                 f"expected {QWEN3_ARCHITECTURES[0]} (model_type 'qwen3')"
             )
+        if (archs and not any(a in QWEN3_ARCHITECTURES for a in archs)) or (model_type and model_type != "qwen3"):
+            _warn_once(f"WARNING: {source}: architectures {archs or None} and model_type {model_type!r} disagree; "
+                       f"reading it as dense Qwen3 ({QWEN3_ARCHITECTURES[0]}, model_type 'qwen3'): check that this "
+                       "is the model you meant (a mislabelled Llama/Qwen2 would load with wrong results)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "rms_norm_eps")
         missing = [k for k in required if k not in cfg]

@@ -25,8 +25,13 @@ def _plt():
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import warnings
+
+    with warnings.catch_warnings():  # tokens in scripts the default font lacks are drawn as boxes
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        warnings.filterwarnings("ignore", message=".*tight_layout.*")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
     _plt().close(fig)
     return path
 
@@ -60,8 +65,9 @@ def asymmetry_heatmap(tokens: Sequence[str], values: Sequence[float], path: str,
 
     cmap = LinearSegmentedColormap.from_list("asym", ["#fde0ef", "#ffffff", "#a1d99b", "#006d2c"])
     vmax = max(max(values, default=0.0), 1e-12)
+    per_row = max(1, min(per_row, len(tokens)))
     rows = max(1, math.ceil(len(tokens) / per_row))
-    fig, ax = plt.subplots(figsize=(min(16, 0.62 * per_row), 0.32 * rows + 0.9))
+    fig, ax = plt.subplots(figsize=(max(4.0, min(16, 0.62 * per_row + 1.5)), 0.32 * rows + 0.9))
     for i, (tok, v) in enumerate(zip(tokens, values)):
         r, c = divmod(i, per_row)
         ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=cmap(min(1.0, math.sqrt(max(v, 0) / vmax)))))
@@ -71,7 +77,7 @@ def asymmetry_heatmap(tokens: Sequence[str], values: Sequence[float], path: str,
     ax.set_ylim(-rows, 0)
     ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, vmax))
-    fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="D_bar_t = KL(P_S || P_T) (sqrt-scaled colour)")
+    fig.colorbar(sm, ax=ax, fraction=0.02, pad=0.01, label="D_bar_t (nats)")
     if title:
         ax.set_title(title, fontsize=8)
     return _save(fig, path)

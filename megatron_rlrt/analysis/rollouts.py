@@ -140,6 +140,11 @@ def problem_record(problem, samples, scored, tokenizer, keep_responses: bool) ->
     }
     if problem.solution:
         rec["solution"] = problem.solution
+    rec["messages"] = problem.messages  # the prompt as rendered (instruction / system prompt applied)
+    if problem.verifier:
+        rec["verifier"] = problem.verifier
+    if problem.metadata:
+        rec["metadata"] = problem.metadata  # what some verifiers read (reasoning-gym's entry)
     if keep_responses:
         rec["prompt_ids"] = list(problem.prompt_ids)
         rec["responses"] = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
@@ -251,6 +256,6 @@ def flatten(records: Sequence[dict]) -> list[Rollout]:
             raise ResultsFileError(f"problem {rec.get('id')}: the record has no response_ids (written with "
                                    "--no-save-responses); rerun tools/evaluate.py with responses saved")
         for k, (ids, text, ok) in enumerate(zip(rec["response_ids"], rec["responses"], rec["correct"])):
-            out.append(Rollout(p, k, rec["prompt"], rec["prompt_ids"], ids, text, ok, rec.get("solution"),
-                               rec.get("answer"), {"id": rec["id"]}))
+            out.append(Rollout(p, k, rec.get("messages") or rec["prompt"], rec["prompt_ids"], ids, text, ok,
+                               rec.get("solution"), rec.get("answer"), {"id": rec["id"]}))
     return out

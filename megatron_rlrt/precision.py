@@ -24,6 +24,7 @@ tested on a CPU-only machine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -245,6 +246,30 @@ def check_layers(opts: Fp8Options, num_layers: int, pipeline_model_parallel_size
     if bad:
         raise ValueError(f"{' and '.join(bad)}: must be between 0 and the layers per pipeline stage ({per_stage} = "
                          f"{num_layers} layers / --pipeline-model-parallel-size {pipeline_model_parallel_size})")
+
+
+@contextlib.contextmanager
+def logprob_precision(config, precision: str = "train"):
+    """Context for the no-grad student+teacher pass: ``train`` changes nothing (same precision
+    as training, D_t compares identical kernels); ``bf16`` switches FP8 off for the pass only.
+
+    megatron-core reads ``config.fp8`` at every forward (``TransformerBlock`` enters TE's
+    ``fp8_autocast`` from it), and every module of a model holds the same config object, so
+    clearing the field for the pass runs the TE Linear layers in bf16. Not valid with FP8
+    parameters (``--fp8-param-gather``; refused by ``check``)."""
+    if precision == "train" or not getattr(config, "fp8", None):
+        yield config
+        return
+    if precision != "bf16":
+        raise ValueError(f"logprob precision {precision!r}: expected one of {list(LOGPROB_PRECISIONS)}")
+    if getattr(config, "fp8_param", False):
+        raise ValueError("--logprob-precision bf16 cannot be used with --fp8-param-gather (FP8 parameters)")
+    saved = config.fp8
+    config.fp8 = None
+    try:
+        yield config
+    finally:
+        config.fp8 = saved
 
 
 def sequence_shards(tensor_model_parallel_size: int = 1, sequence_parallel: bool = False,

@@ -196,3 +196,22 @@ def test_null_teacher_dt_is_rounding_noise_far_below_a_real_context(tiny_model, 
     if any(r[f"same/{mbs}"]["max_abs"] != 0 for mbs in ("1", "4")):
         pytest.xfail(f"D_t of identical rows is not exactly 0 on the local CPU spec (RoPE over packed positions): "
                      f"max |D_t| {max(r[f'same/{m}']['max_abs'] for m in ('1', '4')):.2e}")
+
+
+def test_logprob_precision_bf16_turns_fp8_off_for_the_pass_only():
+    opts = Fp8Options.from_config(parse_config(["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]))
+    tc = transformer_config(SPEC, params_dtype=torch.bfloat16, fp8=opts)
+    with precision.logprob_precision(tc, "train"):
+        assert tc.fp8 == "hybrid"
+    with pytest.raises(RuntimeError, match="inside"):
+        with precision.logprob_precision(tc, "bf16"):
+            assert tc.fp8 is None and tc.fp8_recipe == "tensorwise"
+            raise RuntimeError("inside")
+    assert tc.fp8 == "hybrid"  # restored, also after an error
+    tc.fp8_param = True
+    with pytest.raises(ValueError, match="--fp8-param-gather"):
+        with precision.logprob_precision(tc, "bf16"):
+            pass
+    plain = transformer_config(SPEC, params_dtype=torch.bfloat16)
+    with precision.logprob_precision(plain, "bf16"):  # no FP8: nothing to switch
+        assert plain.fp8 is None

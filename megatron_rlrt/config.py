@@ -75,7 +75,15 @@ class Config:
     context_parallel_size: int = _f(1, "context-parallel size (GPU + Transformer Engine only)")
     sequence_parallel: bool = _f(False, "sequence parallelism for norms/dropout (GPU + TE only, needs TP>1)")
     use_distributed_optimizer: bool = _f(False, "shard optimizer state across data-parallel ranks (ZeRO-1)")
-    recompute_granularity: Optional[str] = _f(None, "activation recomputation", choices=("full", "selective"))
+    recompute_granularity: Optional[str] = _f(None, "activation recomputation (Megatron-LM): 'full' recomputes whole "
+                                                    "transformer layers in backward (least memory), 'selective' only "
+                                                    "the core attention", choices=("full", "selective"))
+    recompute_method: Optional[str] = _f(None, "with --recompute-granularity full: 'uniform' checkpoints every "
+                                               "--recompute-num-layers layers as one unit, 'block' recomputes only "
+                                               "the first --recompute-num-layers layers of each pipeline stage "
+                                               "(default uniform)", choices=("uniform", "block"))
+    recompute_num_layers: Optional[int] = _f(None, "with --recompute-granularity full: layers per checkpoint "
+                                                   "(uniform) or recomputed layers per stage (block); default 1")
 
     # ---- optimisation ------------------------------------------------------------------------
     lr: float = _f(1e-6, "peak learning rate (paper: 1e-6 GRPO/RLSD/RLRT, 1e-5 SDPO, 5e-6 SRPO)")
@@ -195,6 +203,11 @@ class Config:
         return ParallelLayout(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
                               self.virtual_pipeline_model_parallel_size, self.context_parallel_size)
 
+    def recompute_options(self) -> dict:
+        """The recompute keywords of ``models.qwen3.transformer_config`` (Megatron-LM's names)."""
+        return dict(recompute_granularity=self.recompute_granularity, recompute_method=self.recompute_method,
+                    recompute_num_layers=self.recompute_num_layers)
+
     @property
     def samples_per_step(self) -> int:
         return self.rollout_batch_size * self.n_samples_per_prompt
@@ -283,6 +296,9 @@ class Config:
         need(self.context_parallel_size == 1, "--context-parallel-size > 1: the trainer does not split packed "
              "sequences across context-parallel ranks yet (see README limitations)")
         need(self.distill_topk >= 1, "--distill-topk must be >= 1")
+        need(self.recompute_granularity == "full" or (self.recompute_method is None and self.recompute_num_layers is None),
+             "--recompute-method / --recompute-num-layers need --recompute-granularity full")
+        need(self.recompute_num_layers is None or self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
         from megatron_rlrt.reward import list_rewards
 
         need(self.reward in list_rewards(), f"--reward {self.reward!r}: unknown verifier; known: {list_rewards()}")

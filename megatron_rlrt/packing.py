@@ -128,11 +128,21 @@ def pad_multiple(*factors: int) -> int:
     return functools.reduce(math.lcm, (max(1, int(f)) for f in factors), 1)
 
 
-def pack_rows(rows: Sequence[PackRow], pad_to_multiple_of: int = 1, pad_token_id: int = 0) -> PackedBatch:
+def pack_rows(rows: Sequence[PackRow], pad_to_multiple_of: int = 1, pad_token_id: int = 0,
+              segment_multiple: int = 1) -> PackedBatch:
     """Pack ``rows`` in the given order. ``pad_to_multiple_of`` appends a padding segment
-    (e.g. for sequence parallelism), excluded from every label and index map."""
+    (e.g. for sequence parallelism), excluded from every label and index map.
+
+    ``segment_multiple`` (2 x context-parallel size): each row is padded AT ITS END to a multiple
+    of it, inside its own segment (causal attention: the padding never affects the row's real
+    tokens), so every segment splits into 2 x CP equal chunks; the total is then padded to a
+    multiple of lcm(pad_to_multiple_of, segment_multiple)."""
     if not rows:
         raise ValueError("cannot pack zero rows")
+    if segment_multiple < 1 or pad_to_multiple_of < 1:
+        raise ValueError(f"need segment_multiple >= 1 and pad_to_multiple_of >= 1, got {segment_multiple}, "
+                         f"{pad_to_multiple_of}")
+    pad_to_multiple_of = math.lcm(pad_to_multiple_of, segment_multiple)
     tokens: list[int] = []
     positions: list[int] = []
     labels: list[int] = []
@@ -147,6 +157,12 @@ def pack_rows(rows: Sequence[PackRow], pad_to_multiple_of: int = 1, pad_token_id
         positions += range(n)
         labels += ids[1:] + [0]
         label_mask += [False] * (prompt_len - 1) + [True] * len(row.response_ids) + [False]
+        fill = (-n) % segment_multiple
+        if fill:  # in-row padding: positions continue, nothing is scored
+            tokens += [pad_token_id] * fill
+            positions += range(n, n + fill)
+            labels += [0] * fill
+            label_mask += [False] * fill
         cu.append(len(tokens))
         index[row.role].append(range(start + prompt_len - 1, start + n - 1))
         sample[row.role].append(row.sample_index)
@@ -224,6 +240,28 @@ def pack_for_ranks(
     """``plan_packs`` then ``pack_rows``: packs[rank][i] is a PackedBatch."""
     plan = plan_packs(rows, max_tokens_per_pack, num_ranks)
     return [[pack_rows([rows[i] for i in pack], pad_to_multiple_of) for pack in rank] for rank in plan]
+
+
+def zigzag_chunks(length: int, cp_size: int, cp_rank: int) -> list[tuple[int, int]]:
+    """(start within the row, size) of the chunks of one packed row that context-parallel rank
+    ``cp_rank`` holds, in local order: the row is cut into 2 x CP equal chunks and rank i keeps
+    chunks i and 2*CP-1-i (megatron-core / TE / slime's split; it balances causal work)."""
+    if cp_size == 1:
+        return [(0, length)]
+    if length % (2 * cp_size):
+        raise ValueError(f"a packed row of {length} tokens is not a multiple of 2 x context-parallel size "
+                         f"{2 * cp_size}; pack with segment_multiple=2*CP")
+    c = length // (2 * cp_size)
+    return [(cp_rank * c, c), ((2 * cp_size - 1 - cp_rank) * c, c)]
+
+
+def zigzag_index(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Packed positions held by ``cp_rank``, in its local order (row by row, two chunks each):
+    ``tokens[:, zigzag_index(...)]`` is that rank's input. ``cu_seqlens`` are the FULL lengths."""
+    bounds = cu_seqlens.tolist()
+    parts = [torch.arange(start + a, start + a + size)
+             for start, end in zip(bounds[:-1], bounds[1:]) for a, size in zigzag_chunks(end - start, cp_size, cp_rank)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def _first_fit_decreasing(items: list[list[int]], sizes: list[int], capacity: int) -> list[list[int]]:

@@ -286,6 +286,20 @@ def megatron_core_version() -> str:
     return version("megatron-core")
 
 
+def _patch_recompute_rng() -> None:
+    """Activation recompute (tensor_parallel.checkpoint) saves and restores the "cuda" RNG state
+    through megatron's own helpers (torch.cuda.random / default_generators, and a lazy call that
+    never runs without CUDA): on CPU the CPU generator plays that role."""
+    import megatron.core.tensor_parallel.random as rng
+
+    def set_state(new_state, *args, **kwargs):
+        torch.set_rng_state(new_state)
+        return False
+
+    rng._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    rng._set_cuda_rng_state = set_state
+
+
 def apply_cpu_patches() -> None:
     """Adapt megatron-core to a CUDA-less process. Idempotent; a no-op when CUDA exists."""
     global _applied
@@ -313,6 +327,7 @@ def apply_cpu_patches() -> None:
 
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
         optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+    _patch_recompute_rng()
     _applied = True
     logger.info("megatron-core %s adapted to CPU (gloo)", found)
 

@@ -183,6 +183,8 @@ def transformer_config(
     perform_initialization: bool = True,
     recompute_granularity: str | None = None,
     fp8: Fp8Options | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
     **overrides,
 ):
     """megatron-core TransformerConfig for ``spec`` on the current platform.
@@ -234,10 +236,15 @@ def transformer_config(
         apply_rope_fusion=on_gpu and use_te,
         gradient_accumulation_fusion=on_gpu and use_te,
         persist_layer_norm=False,
+        # Megatron-LM's flags; full recompute defaults to uniform, one layer per checkpoint
         recompute_granularity=recompute_granularity,
-        recompute_method="uniform" if recompute_granularity == "full" else None,
-        recompute_num_layers=1 if recompute_granularity == "full" else None,
+        recompute_method=(recompute_method or "uniform") if recompute_granularity == "full" else None,
+        recompute_num_layers=(recompute_num_layers or 1) if recompute_granularity == "full" else None,
     )
+    if recompute_granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity {recompute_granularity!r}; valid: full, selective")
+    if recompute_granularity != "full" and (recompute_method or recompute_num_layers):
+        raise ValueError("--recompute-method / --recompute-num-layers need --recompute-granularity full")
     if not on_gpu and kwargs["sequence_parallel"]:
         raise ValueError("--sequence-parallel needs Transformer Engine norms on a GPU; megatron refuses it "
                          "with the local (CPU) layer spec")
@@ -262,7 +269,13 @@ def layer_spec(config, use_te: bool | None = None):
     if getattr(config, "fp8", None):
         raise ValueError(f"fp8={config.fp8!r} needs Transformer Engine layers (TE Linear runs the FP8 GEMMs); "
                          "the local layer spec has none")
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    # megatron's local DotProductAttention needs an explicit [s, s] mask, refuses packed rows and
+    # context parallelism: the local spec uses the mask-free packed attention instead
+    from megatron_rlrt.models.packed_attention import PackedCoreAttention
+
+    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    return spec
 
 
 def model_provider(spec: Qwen3Spec, config, use_te: bool | None = None, parallel_output: bool = True

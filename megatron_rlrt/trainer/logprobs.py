@@ -7,9 +7,9 @@ per-position columns [log p(label), entropy?, top-K log-probs?] computed over th
 vocabulary with tensor-parallel reductions. Prompt positions never reach the LM head.
 
 Log-probs and entropy of the sampled tokens come from ``megatron_rlrt.ops`` (one collective,
-C++/CUDA kernels): on a GPU through the fused-linear op, so [tokens, vocab] logits never
-exist; on a CPU (where the fused backward is slower than one GEMM) from this rank's logit
-shard. Distillation's top-K needs the logit shard anyway.
+C++/CUDA kernels) through the fused-linear op on every device, CPU included, so [tokens, vocab]
+logits never exist (the issue's 8k-token CPU measurement spent most of its +19 GB on them).
+Distillation's top-K needs this rank's logit shard and materialises it.
 """
 
 from __future__ import annotations
@@ -44,13 +44,26 @@ def _tp():
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
-def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                 sequence_parallel: bool = False) -> torch.Tensor:
     """[n, V/TP] float32 logits of this rank's vocab shard for replicated hidden states [n, H]."""
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    # identity forward, all-reduce of the input gradient backward (what ColumnParallelLinear does)
-    hidden = copy_to_tensor_model_parallel_region(hidden)
+    if not sequence_parallel:
+        # identity forward, all-reduce of the input gradient backward (what ColumnParallelLinear
+        # does); under sequence parallelism the caller's all-gather reduce-scatters it instead
+        hidden = copy_to_tensor_model_parallel_region(hidden)
     return (hidden @ weight.t()).float() / temperature
+
+
+# logit tiles of the fused-linear op hold at most this many elements ([tokens, vocab columns])
+FUSED_TILE_ELEMENTS = 1 << 24
+
+
+def fused_chunk_size(num_tokens: int) -> int:
+    """Vocabulary columns per tile: 4096, fewer for long inputs so one tile stays ~64 MB in fp32
+    (memory linear in tokens, independent of the vocabulary)."""
+    return max(128, min(4096, FUSED_TILE_ELEMENTS // max(1, num_tokens)))
 
 
 def _vocab_lse(logits: torch.Tensor, group, tp_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,18 +91,26 @@ def _gather_global_ids(logits: torch.Tensor, ids: torch.Tensor, tp_size: int, tp
     return reduce_from_tensor_model_parallel_region(values) if tp_size > 1 else values
 
 
-def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequest) -> torch.Tensor:
+def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequest,
+                    sequence_parallel: bool = False) -> torch.Tensor:
     """[n, C] float32: column 0 log p(target); then entropy if asked; then K top-K log-probs
-    and, when the ids were not given, K ids (as floats, exact below 2^24) of the top-K."""
+    and, when the ids were not given, K ids (as floats, exact below 2^24) of the top-K.
+
+    Without top-K (every RL method but distillation) this is the fused-linear op on every device:
+    no [n, V/TP] logits exist in the no-grad pass nor in the training pass (its backward
+    recomputes the tiles). ``sequence_parallel``: ``hidden`` was all-gathered by the caller, whose
+    backward reduce-scatters its gradient over TP (so it is not all-reduced here as well)."""
     from megatron_rlrt import ops
 
     group, tp_size, tp_rank = _tp()
     tp_group = group if tp_size > 1 else None
-    if not req.topk and hidden.is_cuda:
+    if not req.topk:
         logp, entropy = ops.fused_linear_logprobs(hidden, weight, req.targets, req.temperature, tp_group,
-                                                  with_entropy=req.with_entropy)
+                                                  with_entropy=req.with_entropy,
+                                                  chunk_size=fused_chunk_size(hidden.shape[0]),
+                                                  reduce_hidden_grad=not sequence_parallel)
         return torch.stack([logp, entropy] if req.with_entropy else [logp], dim=1)
-    raw = shard_logits(hidden, weight, 1.0)
+    raw = shard_logits(hidden, weight, 1.0, sequence_parallel)
     logp, entropy = ops.vocab_parallel_logprobs(raw, req.targets, req.temperature, tp_group,
                                                 with_entropy=req.with_entropy)
     cols = [logp] + ([entropy] if req.with_entropy else [])

@@ -39,7 +39,7 @@ class StepOptions:
     temperature: float = 1.0
     with_entropy: bool = False
     topk: int = 0  # distillation top-K (0: off)
-    use_te: bool = False  # THD packed attention (TE) instead of an explicit block mask
+    use_te: bool = False  # Transformer Engine layers (GPU); packed rows go as THD either way
     pad_to_multiple_of: int = 1
 
 
@@ -115,7 +115,7 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
     weight = output_weight if output_weight is not None else output_layer.weight
     req = context.request
     selected = hidden[req.positions]
-    cols = logprob_columns(selected, weight, req)
+    cols = logprob_columns(selected, weight, req, config.sequence_parallel)
     if context.teacher_src is not None:
         # teacher rows are scored at the top-K ids of the matching student position
         k = req.topk
@@ -124,7 +124,7 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
         t_ids = ids[context.teacher_src[is_teacher]]
         t_req = LogprobRequest(req.positions[is_teacher], req.targets[is_teacher], req.temperature,
                                req.with_entropy, k, t_ids)
-        t_cols = logprob_columns(selected[is_teacher], weight, t_req)
+        t_cols = logprob_columns(selected[is_teacher], weight, t_req, config.sequence_parallel)
         cols = cols.clone()
         cols[is_teacher, : t_cols.shape[1]] = t_cols
         cols[is_teacher, -k:] = t_ids.float()
@@ -132,18 +132,17 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
 
 
 def model_inputs(mb: MicroBatch, opts: StepOptions, device: torch.device) -> dict:
-    packed = mb.packed
-    inputs = dict(input_ids=packed.tokens.to(device), position_ids=packed.position_ids.to(device))
-    if opts.use_te:
-        from megatron.core.packed_seq_params import PackedSeqParams
+    """Packed (THD) inputs: row boundaries as ``cu_seqlens``, no [N, N] mask. TE's attention
+    (GPU) and the local spec's PackedCoreAttention (CPU) both read them."""
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = packed.cu_seqlens.to(device)
-        inputs["attention_mask"] = None
-        inputs["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                      max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
-    else:
-        inputs["attention_mask"] = packed.attention_mask().to(device)
-    return inputs
+    packed = mb.packed
+    cu = packed.cu_seqlens.to(device)
+    return dict(
+        input_ids=packed.tokens.to(device), position_ids=packed.position_ids.to(device), attention_mask=None,
+        packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                          max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen),
+    )
 
 
 def _device() -> torch.device:

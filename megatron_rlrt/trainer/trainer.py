@@ -113,7 +113,7 @@ class Trainer:
             pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
             context_parallel_size=cfg.context_parallel_size, sequence_parallel=cfg.sequence_parallel,
-            params_dtype=dtype, perform_initialization=False, recompute_granularity=cfg.recompute_granularity,
+            params_dtype=dtype, perform_initialization=False, **cfg.recompute_options(),
             calculate_per_token_loss=True,  # we return loss sums + counts; megatron divides grads once
         )
         chunks = build_model(self.spec, self.tconfig)

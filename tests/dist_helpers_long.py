@@ -1,0 +1,213 @@
+"""Per-rank functions for the long-context tests (context parallelism, packed attention).
+
+Spawned through megatron_rlrt.parallel.spawn, so they live in a module; results go back as
+JSON (or torch) files written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlrt import parallel
+
+
+def dense_reference_attention(q, k, v, lengths, scale):
+    """Block-diagonal causal attention with an explicit [T, T] mask (the independent reference)."""
+    t, hq, _ = q.shape
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.arange(t)
+    visible = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    k = k.repeat_interleave(hq // k.shape[1], dim=1)
+    v = v.repeat_interleave(hq // v.shape[1], dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def attention_inputs(lengths, hq=4, hk=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lengths)
+    return [torch.randn(t, h, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk)] + \
+        [torch.randn(t, hq, d, generator=g, dtype=torch.float64)]
+
+
+def cp_attention_rank(lengths, block, out_path):
+    """Zigzag-split attention over the CP group (= the world) vs the dense reference on all tokens."""
+    from megatron_rlrt.models.packed_attention import packed_causal_attention
+    from megatron_rlrt.packing import zigzag_index
+
+    dist.init_process_group("gloo")
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    q, k, v, w = attention_inputs(lengths)
+    scale = 0.3
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = dense_reference_attention(*ref_leaves, lengths, scale)
+    (ref * w).sum().backward()
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    idx = zigzag_index(cu, cp, rank)
+    leaves = [x[idx].clone().requires_grad_() for x in (q, k, v)]
+    out = packed_causal_attention(*leaves, lengths, scale=scale, cp_group=dist.group.WORLD, block=block)
+    (out * w[idx]).sum().backward()
+    result = {
+        "out": (out - ref[idx]).abs().max().item(),
+        # each rank's K/V gradient is the all-reduced total over every rank's queries
+        "grads": [(leaf.grad - r.grad[idx]).abs().max().item() for leaf, r in zip(leaves, ref_leaves)],
+    }
+    results = [None] * cp
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _thd(cu, max_seqlen):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
+                           max_seqlen_kv=max_seqlen)
+
+
+def _packed_logprob_pass(chunks, packed, cp, cp_rank, weights):
+    """Local forward of a zigzag-split packed batch; returns (full-order per-position log p(label)
+    gathered over CP, the weighted loss's parameter grads summed over CP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_rlrt.packing import zigzag_index
+
+    model = chunks[0]
+    idx = zigzag_index(packed.cu_seqlens, cp, cp_rank)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=packed.tokens[:, idx], position_ids=packed.position_ids[:, idx], attention_mask=None,
+                   packed_seq_params=_thd(packed.cu_seqlens, packed.max_seqlen))  # [1, t, V/TP]
+    logp = -vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
+                                         packed.labels[:, idx].t().contiguous())[:, 0]  # [t]
+    keep = packed.label_mask[0, idx]
+    (-(logp * keep * weights[idx]).sum()).backward()
+    full = torch.zeros(packed.num_tokens, dtype=torch.float64)
+    full[idx] = logp.detach().double() * keep
+    if cp > 1:
+        dist.all_reduce(full, group=ps.get_context_parallel_group())
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if cp > 1:
+            dist.all_reduce(g, group=ps.get_context_parallel_group())
+        grads[name] = g
+    return full, grads
+
+
+def cp_model_rank(hf_dir, tp, cp, rows, out_path):
+    """A packed batch through megatron's GPTModel (local spec) at TP x CP, then at TP x CP=1 on the
+    same ranks: per-position log-probs and parameter gradients (summed over CP) of both, plus the
+    Hugging Face model's per-row log-probs as the independent reference."""
+    from megatron_rlrt.platform import setup_megatron
+
+    setup_megatron()
+    from megatron.core import parallel_state as ps
+
+    from megatron_rlrt.models.hf_checkpoint import load_hf_weights
+    from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model
+    from megatron_rlrt.models.qwen3 import Qwen3Spec, build_model, transformer_config
+    from megatron_rlrt.packing import PackRow, pack_rows
+
+    spec = Qwen3Spec.from_hf_dir(hf_dir)
+    weights_hf = load_hf_weights(hf_dir, spec)
+    rows = [PackRow(p, r, "student", i) for i, (p, r) in enumerate(rows)]
+    results = {}
+    for size in (cp, 1):
+        parallel.initialize(parallel.ParallelLayout(tp, 1, None, size))
+        config = transformer_config(spec, tensor_model_parallel_size=tp, context_parallel_size=size,
+                                    params_dtype=torch.float32, perform_initialization=False)
+        chunks = build_model(spec, config)
+        load_hf_into_model(chunks, spec, weights_hf)
+        packed = pack_rows(rows, segment_multiple=2 * size)
+        weights = 0.5 + (packed.labels[0] % 7) / 7.0  # per token, independent of the padding layout
+        full, grads = _packed_logprob_pass(chunks, packed, size, ps.get_context_parallel_rank(), weights)
+        # per-row response log-probs (independent of the padding layout)
+        student, mask = packed.gather_student(full)
+        results[size] = (student, mask, grads)
+        ps.destroy_model_parallel()
+    out = {}
+    (s_cp, m_cp, g_cp), (s_1, m_1, g_1) = results[cp], results[1]
+    out["logprob_max_abs_diff"] = (s_cp - s_1).abs().max().item()
+    out["grad_max_rel_diff"] = max(((g_cp[n] - g_1[n]).norm() / g_1[n].norm().clamp_min(1e-30)).item() for n in g_1)
+    out["grad_norm"] = sum(g.norm().item() ** 2 for g in g_1.values()) ** 0.5
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
+        diffs = []
+        for i, row in enumerate(rows):
+            seq = torch.tensor([list(row.prompt_ids) + list(row.response_ids)])
+            with torch.no_grad():
+                lp = hf(seq).logits[0].log_softmax(-1)
+            p = len(row.prompt_ids)
+            ref = torch.stack([lp[p - 1 + j, t] for j, t in enumerate(row.response_ids)])
+            diffs.append((s_cp[i, : len(ref)] - ref).abs().max().item())
+        out["hf_max_abs_diff"] = max(diffs)
+        with open(out_path, "w") as f:
+            json.dump(out, f)
+    parallel.destroy()
+
+
+RECOMPUTE_VARIANTS = {
+    "none": {},
+    "full_uniform_1": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full_uniform_2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
+    "full_block_3": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=3),
+    "selective": dict(recompute_granularity="selective"),
+}
+
+
+def recompute_rank(hf_dir, rows, out_path):
+    """The same packed loss with every recompute setting: log-probs and gradients per setting,
+    and whether megatron actually took its checkpointed path."""
+    from megatron_rlrt.platform import setup_megatron
+
+    setup_megatron()
+    from megatron.core import tensor_parallel
+
+    from megatron_rlrt.models.hf_checkpoint import load_hf_weights
+    from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model
+    from megatron_rlrt.models.qwen3 import Qwen3Spec, build_model, transformer_config
+    from megatron_rlrt.packing import PackRow, pack_rows
+
+    spec = Qwen3Spec.from_hf_dir(hf_dir)
+    weights_hf = load_hf_weights(hf_dir, spec)
+    packed = pack_rows([PackRow(p, r, "student", i) for i, (p, r) in enumerate(rows)])
+    parallel.initialize(parallel.ParallelLayout())
+    calls = {"n": 0}
+    original = tensor_parallel.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    out = {}
+    ref = None
+    for name, kwargs in RECOMPUTE_VARIANTS.items():
+        config = transformer_config(spec, params_dtype=torch.float32, perform_initialization=False, **kwargs)
+        chunks = build_model(spec, config)
+        load_hf_into_model(chunks, spec, weights_hf)
+        calls["n"] = 0
+        tensor_parallel.checkpoint = counting  # megatron calls it as tensor_parallel.checkpoint(...)
+        try:
+            full, grads = _packed_logprob_pass(chunks, packed, 1, 0, 0.5 + (packed.labels[0] % 7) / 7.0)
+        finally:
+            tensor_parallel.checkpoint = original
+        if ref is None:
+            ref = (full, grads)
+        out[name] = {
+            "checkpoint_calls": calls["n"],
+            "logprob_max_abs_diff": (full - ref[0]).abs().max().item(),
+            "grad_max_rel_diff": max(((grads[n] - ref[1][n]).norm() / ref[1][n].norm().clamp_min(1e-30)).item()
+                                     for n in grads),
+        }
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+    parallel.destroy()

@@ -10,7 +10,10 @@ noise makes to RLRT's A_t (eq. 6-7, lambda 0.5, eps_w 0.5), and noise / signal =
 (null) / mean |D_t| (16 random context tokens). FP8 is measured on a GPU by tests/gpu/check_fp8.py.
 
     python benchmarks/bench_dt_noise.py                 # ~1 minute on 2 CPU cores
-    python benchmarks/bench_dt_noise.py --without-rope  # diagnostic: RoPE patched out (attributes the noise)
+    python benchmarks/bench_dt_noise.py --without-rope  # diagnostic: RoPE patched out (attributes any noise)
+
+Since packed rows go as THD with per-row RoPE and attention, the expected result is D_t = 0
+exactly in fp32 and bf16 (benchmarks/RESULTS.md has the numbers from before and after).
 """
 
 from __future__ import annotations

@@ -72,7 +72,9 @@ class Config:
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (splits layers into stages)")
     virtual_pipeline_model_parallel_size: Optional[int] = _f(None, "model chunks per pipeline stage (interleaved "
                                                                    "1F1B schedule)")
-    context_parallel_size: int = _f(1, "context-parallel size (GPU + Transformer Engine only)")
+    context_parallel_size: int = _f(1, "context-parallel size: each packed row is cut into 2 x CP chunks and CP "
+                                       "rank i keeps chunks i and 2*CP-1-i (long responses; TE attention with "
+                                       "cp_comm_type p2p on GPUs, the mask-free packed attention on CPUs)")
     sequence_parallel: bool = _f(False, "sequence parallelism for norms/dropout (GPU + TE only, needs TP>1)")
     use_distributed_optimizer: bool = _f(False, "shard optimizer state across data-parallel ranks (ZeRO-1)")
     recompute_granularity: Optional[str] = _f(None, "activation recomputation (Megatron-LM): 'full' recomputes whole "
@@ -100,7 +102,13 @@ class Config:
     micro_batch_size: int = _f(1, "student rows per micro-batch (ignored with --use-dynamic-batch-size)")
     use_dynamic_batch_size: bool = _f(False, "pack micro-batches up to --max-tokens-per-gpu tokens instead of a "
                                              "fixed row count")
-    max_tokens_per_gpu: int = _f(8192, "token budget of one packed micro-batch with --use-dynamic-batch-size")
+    max_tokens_per_gpu: int = _f(8192, "token budget per GPU of one packed training micro-batch with "
+                                       "--use-dynamic-batch-size (a micro-batch holds up to this x "
+                                       "--context-parallel-size tokens; a longer row gets a micro-batch of its own)")
+    log_probs_max_tokens_per_gpu: Optional[int] = _f(None, "token budget per GPU of the no-grad student+teacher "
+                                                           "log-prob pass with --use-dynamic-batch-size (default: "
+                                                           "--max-tokens-per-gpu); it keeps no activations for "
+                                                           "backward, so it can usually be larger")
     global_batch_size: Optional[int] = _f(None, "rollout samples per optimizer step (default: the whole rollout "
                                                 "batch, i.e. one on-policy update per RL step)")
 
@@ -293,8 +301,14 @@ class Config:
         need(self.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
         need(self.rollout_temperature > 0, "--rollout-temperature must be > 0")
         need(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-        need(self.context_parallel_size == 1, "--context-parallel-size > 1: the trainer does not split packed "
-             "sequences across context-parallel ranks yet (see README limitations)")
+        from megatron_rlrt.algorithms import get_method
+
+        need(self.context_parallel_size == 1 or self.advantage_estimator not in METHOD_NAMES
+             or not get_method(self.advantage_estimator).uses_distillation,
+             f"--context-parallel-size > 1 with --advantage-estimator {self.advantage_estimator}: top-K "
+             "distillation is not split over context-parallel ranks yet (see README limitations)")
+        need(self.log_probs_max_tokens_per_gpu is None or self.log_probs_max_tokens_per_gpu >= 1,
+             "--log-probs-max-tokens-per-gpu must be >= 1")
         need(self.distill_topk >= 1, "--distill-topk must be >= 1")
         need(self.recompute_granularity == "full" or (self.recompute_method is None and self.recompute_num_layers is None),
              "--recompute-method / --recompute-num-layers need --recompute-granularity full")

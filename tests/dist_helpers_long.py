@@ -211,3 +211,84 @@ def recompute_rank(hf_dir, rows, out_path):
     with open(out_path, "w") as f:
         json.dump(out, f)
     parallel.destroy()
+
+
+def fixed_rlrt_batch(prompt_len: int, peer_len: int, response_len: int, vocab: int = 151_000, seed: int = 0):
+    """A rollout batch of fixed token ids (no sampling): one group of two responses of
+    ``response_len`` tokens, the first correct (with its teacher row: prompt + a peer solution +
+    the same response), the second wrong."""
+    from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+    prompt, peer = ids(prompt_len), ids(peer_len)
+    responses = [ids(response_len), ids(response_len)]
+    samples = [Sample(0, 0, prompt, responses[0], [-1.0] * response_len, 1.0, True, 1.0, prompt + peer),
+               Sample(1, 0, prompt, responses[1], [-1.0] * response_len, 0.0, False, -1.0, None)]
+    tokens = 2 * (prompt_len + response_len) + prompt_len + peer_len + response_len
+    return RolloutBatch(samples, 2, {"reward/mean": 0.5, "perf/batch_tokens": float(tokens)})
+
+
+def long_step_rank(argv, lengths, out_path):
+    """One full RLRT step (no-grad student+teacher pass, token advantages, PPO update) of the
+    trainer on a fixed-token batch; rank 0 saves the collected log-probs, the gradients (after
+    megatron's DP x CP reduction, before Adam) gathered over TP, the step metrics and the peak RSS
+    of every rank."""
+    import resource
+    import time
+
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.trainer import Trainer
+    from tests.trainer_helpers import register_test_rewards
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    batch = fixed_rlrt_batch(*lengths)
+    trainer._make_batch = lambda step=0: batch
+    record = {}
+    collect = trainer._collect
+
+    def recording_collect(samples):
+        out = collect(samples)
+        record["student"] = {i: v.tolist() for i, v in out.student_logprobs.items()}
+        record["teacher"] = {i: v.tolist() for i, v in out.teacher_logprobs.items()}
+        return out
+
+    trainer._collect = recording_collect
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        from megatron.core import parallel_state as ps
+
+        grads = {}
+        for c in trainer.chunks:
+            for name, p in c.module.named_parameters():
+                g = p.main_grad.detach().float().clone()
+                tp_split = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
+                if tp_split >= 0 and ps.get_tensor_model_parallel_world_size() > 1:
+                    parts = [torch.empty_like(g) for _ in range(ps.get_tensor_model_parallel_world_size())]
+                    dist.all_gather(parts, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+                    g = torch.cat(parts, dim=tp_split)
+                grads[name] = g
+        record["grads"] = grads
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    try:
+        metrics = trainer.step(0)
+    finally:
+        trainer.close()
+    seconds = time.perf_counter() - t0
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                                   "rss_before_step_gb": rss0 / 1e6, "step_s": seconds})
+    if dist.get_rank() == 0:
+        record["metrics"] = metrics
+        record["ranks"] = peaks
+        torch.save(record, out_path)
+    parallel.destroy()

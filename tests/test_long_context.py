@@ -44,3 +44,46 @@ def test_fused_tiles_shrink_with_the_token_count():
     assert fused_chunk_size(100) == 4096
     assert fused_chunk_size(40_960) * 40_960 <= lp_mod.FUSED_TILE_ELEMENTS  # ~64 MB fp32 per tile at 2 x 20k
     assert fused_chunk_size(10**9) == 128
+
+
+def _long_step_argv(model, data, layout, response_len):
+    return ["--hf-checkpoint", model, "--prompt-data", data, "--reward", "hash_parity", "--advantage-estimator",
+            "rlrt", "--rollout-batch-size", "1", "--n-samples-per-prompt", "2", "--rollout-max-response-len",
+            str(response_len), "--train-iters", "1", "--lr", "1e-3", "--lr-warmup-iters", "0", "--no-progress",
+            "--no-tensorboard", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "512",
+            "--log-probs-max-tokens-per-gpu", "4096", "--seed", "5"] + layout
+
+
+def run_long_step(model, data, tmp_path, layout, world, lengths):
+    from megatron_rlrt import parallel
+    from tests.dist_helpers_long import long_step_rank
+
+    out = tmp_path / f"step-{'-'.join(layout) or 'cp1'}.pt"
+    parallel.spawn(long_step_rank, world, _long_step_argv(model, data, layout, lengths[2]), lengths, str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_same_step(a, b, grad_rtol=1e-5):
+    for role in ("student", "teacher"):
+        assert sorted(a[role]) == sorted(b[role])
+        for i in a[role]:
+            x, y = torch.tensor(a[role][i]), torch.tensor(b[role][i])
+            assert x.shape == y.shape and (x - y).abs().max() < 1e-5, (role, i, (x - y).abs().max())
+    worst = max(((a["grads"][n] - b["grads"][n]).norm() / b["grads"][n].norm().clamp_min(1e-30)).item()
+                for n in b["grads"])
+    assert worst < grad_rtol, worst
+    for key in ("loss/pg", "actor/grad_norm", "rlrt/weight_mean"):
+        if key in b["metrics"]:
+            assert abs(a["metrics"][key] - b["metrics"][key]) <= 1e-5 * max(1.0, abs(b["metrics"][key])), key
+
+
+def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
+    """The trainer's whole RLRT step on fixed ids (rows of prompt 13 + peer 21 + response 301 tokens,
+    longer than one budget of 512 tokens per GPU at CP=1 so samples split over micro-batches):
+    CP=2 log-probs equal CP=1's within 1e-5, gradients within 1e-5 relative, same metrics."""
+    lengths = (13, 21, 301)
+    one = run_long_step(tiny_model, arithmetic_data, tmp_path, [], 1, lengths)
+    two = run_long_step(tiny_model, arithmetic_data, tmp_path, ["--context-parallel-size", "2"], 2, lengths)
+    assert one["metrics"]["actor/grad_norm"] > 0 and "rlrt/weight_mean" in one["metrics"]
+    assert sorted(one["teacher"]) == [0] and len(one["teacher"][0]) == 301 and len(one["student"][1]) == 301
+    assert_same_step(two, one)

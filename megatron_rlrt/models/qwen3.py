@@ -224,6 +224,9 @@ def transformer_config(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        # TE's THD + CP works with p2p only (its all_gather/a2a modes refuse THD); the CPU's
+        # PackedCoreAttention all-gathers K/V whatever this says
+        cp_comm_type="p2p" if context_parallel_size > 1 else None,
         sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
         variable_seq_lengths=True,  # RL batches change length every step (PP sends shapes first)
         moe_token_dispatcher_type="alltoall",  # the only dispatcher megatron allows with variable lengths

@@ -11,6 +11,20 @@ divides the gradients by the count summed over micro-batches and data-parallel r
 token-mean is over the whole optimizer mini-batch.
 
 Both run ``get_forward_backward_func()``: no pipeline, 1F1B or interleaved, as configured.
+
+Context parallelism (``--context-parallel-size``): every row is padded at its end to a multiple of
+2 x CP (x TP under sequence parallelism), each CP rank feeds the model its zigzag share of the
+packed sequence (chunks i and 2*CP-1-i of every row) with ``cu_seqlens`` of the full lengths, so
+RoPE sees each token's real position (megatron's THD rotary) and attention all rows whole (TE p2p
+on a GPU, PackedCoreAttention on a CPU). The LM head and the log-prob op run on local tokens
+(TP reductions inside the op); then only the per-token columns cross CP: they are all-gathered
+back into sequence order, other ranks' values detached, this rank's with their gradient. Every CP
+rank therefore sees the whole per-token picture -- the student and teacher log-probs of a response
+token are paired even when its student and teacher rows sit in different chunks -- and computes
+the same loss; only its own tokens carry gradient, megatron's DDP sums gradients over DP x CP,
+and the token count is reported by CP rank 0 alone, so the divisor is the global count once
+(NeMo-RL / verl's design rather than slime's local loss: advantages, RLRT weights and metrics
+read whole rows, and nothing downstream needs to know about CP).
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs
+from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs, zigzag_index
 from megatron_rlrt.trainer.logprobs import LogprobRequest, logprob_columns
 from megatron_rlrt.trainer.rollout_batch import Sample
 
@@ -32,6 +46,19 @@ class MicroBatch:
     # distillation: for each label position, the label position of the same response token in
     # the sample's student row (whose top-K ids the teacher is read at); -1 for student rows
     teacher_src: torch.Tensor | None = None
+    # the packed position of every output column, in column order (all label positions, sorted)
+    label_positions: torch.Tensor | None = None
+    cp: "CpSplit | None" = None  # context parallelism: this rank's share and the gather map
+
+
+@dataclass
+class CpSplit:
+    """This CP rank's part of a micro-batch (``request.positions`` index its local sequence)."""
+
+    local_index: torch.Tensor  # packed positions fed to the model on this rank, in local order
+    slots: torch.Tensor  # output column of each local request row
+    counts: list[int]  # request rows per CP rank
+    order: torch.Tensor  # output column of each row of the CP all-gather (ranks concatenated)
 
 
 @dataclass(frozen=True)
@@ -40,7 +67,17 @@ class StepOptions:
     with_entropy: bool = False
     topk: int = 0  # distillation top-K (0: off)
     use_te: bool = False  # Transformer Engine layers (GPU); packed rows go as THD either way
-    pad_to_multiple_of: int = 1
+    pad_to_multiple_of: int = 1  # whole packed length (sequence parallelism, FP8 alignment)
+    sequence_parallel_size: int = 1  # TP size when sequence parallel (multiplies the per-row CP padding)
+
+
+def _cp() -> tuple[int, int]:
+    """(context-parallel size, rank); (1, 0) before megatron's groups exist."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 0
+    return ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
 
 
 def _rows(samples: Sequence[Sample], with_teachers: bool) -> list[PackRow]:
@@ -51,16 +88,25 @@ def _rows(samples: Sequence[Sample], with_teachers: bool) -> list[PackRow]:
 
 
 def plan_microbatches(samples: Sequence[Sample], with_teachers: bool, micro_batch_size: int,
-                      max_tokens: int | None) -> list[list[PackRow]]:
+                      max_tokens: int | None, cp_size: int = 1) -> list[list[PackRow]]:
     """Rows per micro-batch: by token budget (dynamic) or ``micro_batch_size`` samples each
-    (a sample's teacher row always travels with it)."""
+    (a sample's teacher row always travels with it).
+
+    With a budget, a micro-batch holds at most ``max_tokens x cp_size`` tokens (each GPU of the CP
+    group holds 1/CP of them, slime's rule); a sample whose rows do not fit together is split into
+    its rows, and a row longer than the budget gets a micro-batch of its own -- never truncated,
+    never an error. The plan is a pure function of the samples, so every pipeline stage (same
+    samples) gets the same number of micro-batches (run_pipeline checks it)."""
     rows = _rows(samples, with_teachers)
     if max_tokens is not None:
-        longest = max(len(r) for r in rows)
-        if longest > max_tokens:
-            raise ValueError(f"a rollout row has {longest} tokens > --max-tokens-per-gpu {max_tokens}; raise the "
-                             "budget to at least the longest prompt + response (+ teacher prompt)")
-        return [[rows[i] for i in pack] for pack in plan_packs(rows, max_tokens, 1)[0]]
+        capacity = max_tokens * cp_size
+        alone = [i for i, r in enumerate(rows) if len(r) > capacity]
+        rest = [i for i in range(len(rows)) if len(rows[i]) <= capacity]
+        plan = [[rows[i]] for i in alone]
+        if rest:
+            packs = plan_packs([rows[i] for i in rest], capacity, 1)[0]
+            plan += [[rows[rest[j]] for j in pack] for pack in packs]
+        return plan
     by_sample: dict[int, list[PackRow]] = {}
     for r in rows:
         by_sample.setdefault(r.sample_index, []).append(r)
@@ -71,8 +117,11 @@ def plan_microbatches(samples: Sequence[Sample], with_teachers: bool, micro_batc
 
 def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int, torch.Tensor] | None = None
                      ) -> MicroBatch:
-    """Pack rows; request log-probs at every position that predicts a response token."""
-    packed = pack_rows(rows, opts.pad_to_multiple_of)
+    """Pack rows; request log-probs at every position that predicts a response token (with CP:
+    the positions this rank holds, see the module docstring)."""
+    cp_size, cp_rank = _cp()
+    segment = 2 * cp_size * opts.sequence_parallel_size if cp_size > 1 else 1
+    packed = pack_rows(rows, opts.pad_to_multiple_of, segment_multiple=segment)
     positions = packed.label_mask[0].nonzero()[:, 0]
     targets = packed.labels[0, positions]
     ids = None
@@ -82,11 +131,26 @@ def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int,
             idx = packed.student_index[row][packed.student_mask[row]]
             full[idx] = topk_ids[sample][: len(idx)]
         ids = full[positions]
-    request = LogprobRequest(positions, targets, opts.temperature, opts.with_entropy, opts.topk, ids)
+    split = None
+    request_positions = positions
+    if cp_size > 1:
+        if opts.topk:
+            raise ValueError("top-K distillation with --context-parallel-size > 1 is not supported")
+        column = torch.full((packed.num_tokens,), -1, dtype=torch.long)
+        column[positions] = torch.arange(len(positions))
+        per_rank = []
+        for r in range(cp_size):
+            local = zigzag_index(packed.cu_seqlens, cp_size, r)
+            cols = column[local]
+            per_rank.append((local, (cols >= 0).nonzero()[:, 0], cols[cols >= 0]))
+        local_index, request_positions, slots = per_rank[cp_rank]
+        split = CpSplit(local_index, slots, [len(p[2]) for p in per_rank], torch.cat([p[2] for p in per_rank]))
+        targets = targets[slots]
+    request = LogprobRequest(request_positions, targets, opts.temperature, opts.with_entropy, opts.topk, ids)
     teacher_src = None
     if opts.topk and topk_ids is None and packed.teacher_index.numel():
         teacher_src = _teacher_sources(packed, positions)
-    return MicroBatch(packed, request, teacher_src)
+    return MicroBatch(packed, request, teacher_src, positions, split)
 
 
 def _teacher_sources(packed: PackedBatch, positions: torch.Tensor) -> torch.Tensor:
@@ -128,7 +192,28 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
         cols = cols.clone()
         cols[is_teacher, : t_cols.shape[1]] = t_cols
         cols[is_teacher, -k:] = t_ids.float()
+    if context.cp is not None:
+        cols = gather_columns_over_cp(cols, context.cp)
     return cols
+
+
+def gather_columns_over_cp(cols: torch.Tensor, split: CpSplit) -> torch.Tensor:
+    """[all label positions, C] in sequence order from every CP rank's local columns: one
+    all-gather of per-token values (padded to the largest share); other ranks' rows are
+    detached, this rank's keep their gradient."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    width = max(split.counts)
+    mine = cols.new_zeros((width, cols.shape[1]))
+    mine[: cols.shape[0]] = cols.detach()
+    parts = [torch.empty_like(mine) for _ in split.counts]
+    dist.all_gather(parts, mine, group=group)
+    gathered = torch.cat([p[:n] for p, n in zip(parts, split.counts)])
+    full = cols.new_empty((len(split.order), cols.shape[1]))
+    full[split.order.to(cols.device)] = gathered
+    return full.index_put((split.slots.to(cols.device),), cols)  # out of place: grads of local rows
 
 
 def model_inputs(mb: MicroBatch, opts: StepOptions, device: torch.device) -> dict:
@@ -138,8 +223,11 @@ def model_inputs(mb: MicroBatch, opts: StepOptions, device: torch.device) -> dic
 
     packed = mb.packed
     cu = packed.cu_seqlens.to(device)
+    tokens, pos = packed.tokens, packed.position_ids
+    if mb.cp is not None:  # this rank's zigzag share; cu_seqlens stay the full lengths
+        tokens, pos = tokens[:, mb.cp.local_index], pos[:, mb.cp.local_index]
     return dict(
-        input_ids=packed.tokens.to(device), position_ids=packed.position_ids.to(device), attention_mask=None,
+        input_ids=tokens.to(device), position_ids=pos.to(device), attention_mask=None,
         packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                           max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen),
     )
@@ -161,18 +249,35 @@ def run_pipeline(chunks, microbatches: list[MicroBatch], opts: StepOptions, loss
         request = LogprobRequest(mb.request.positions.to(device), mb.request.targets.to(device),
                                  mb.request.temperature, mb.request.with_entropy, mb.request.topk,
                                  None if mb.request.topk_ids is None else mb.request.topk_ids.to(device))
-        ctx = MicroBatch(mb.packed, request, None if mb.teacher_src is None else mb.teacher_src.to(device))
+        ctx = MicroBatch(mb.packed, request, None if mb.teacher_src is None else mb.teacher_src.to(device),
+                         mb.label_positions, mb.cp)
         out = model(**model_inputs(mb, opts, device), output_processor=output_processor,
                     output_processor_context=ctx)
         return out, lambda cols: loss_fn(mb, cols)
 
     chunks = list(chunks)
+    _check_stages_agree(len(microbatches))
     data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
-    longest = max(mb.packed.num_tokens for mb in microbatches)
+    cp_size, _ = _cp()
+    longest = max(mb.packed.num_tokens for mb in microbatches) // cp_size
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches), seq_length=longest, micro_batch_size=1, forward_only=forward_only,
     )
+
+
+def _check_stages_agree(num_microbatches: int) -> None:
+    """Pipeline stages exchange one activation per micro-batch: a different count would hang."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    n = torch.tensor([num_microbatches, -num_microbatches], dtype=torch.long, device=_device())
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    if int(n[0]) != num_microbatches or int(-n[1]) != num_microbatches:
+        raise RuntimeError(f"pipeline stages planned different micro-batch counts ({int(-n[1])}..{int(n[0])}); "
+                           "every stage must see the same samples")
 
 
 # --- collect: old-policy and teacher log-probs -------------------------------------------------
@@ -200,14 +305,14 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
     other weights (a separate pass over teacher prompts) is scored at the policy's top-K.
     """
     mbs = [build_microbatch(rows, opts, topk_ids) for rows in
-           plan_microbatches(samples, True, micro_batch_size, max_tokens)]
+           plan_microbatches(samples, True, micro_batch_size, max_tokens, _cp()[0])]
     out = Collected({}, {}, {}, {}, student_topk_logprobs={} if topk_ids is not None else None)
     k = opts.topk
     col_topk = 1 + int(opts.with_entropy)
 
     def store(mb: MicroBatch, cols: torch.Tensor):
         full = cols.new_zeros((mb.packed.num_tokens, cols.shape[1]))
-        full[mb.request.positions.to(cols.device)] = cols.detach()
+        full[mb.label_positions.to(cols.device)] = cols.detach()
         for role, gather, sample_index in (("student", mb.packed.gather_student, mb.packed.student_sample_index),
                                            ("teacher", mb.packed.gather_teacher, mb.packed.teacher_sample_index)):
             values, mask = gather(full)
@@ -237,13 +342,24 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
 def train_minibatch(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_size: int,
                     max_tokens: int | None, loss_fn: Callable, topk_ids: dict[int, torch.Tensor] | None) -> list[dict]:
     """Forward+backward over this rank's samples of the mini-batch; returns loss_fn's metrics."""
+    cp_size, cp_rank = _cp()
     mbs = [build_microbatch(rows, opts, topk_ids) for rows in
-           plan_microbatches(samples, False, micro_batch_size, max_tokens)]
+           plan_microbatches(samples, False, micro_batch_size, max_tokens, cp_size)]
+    if cp_rank > 0:
+        # every CP rank computes the same loss over the whole rows (its own tokens carry the
+        # gradient); only CP rank 0 reports the token count and metrics, so megatron's divisor
+        # (summed over DP x CP) and the logged means count each token once
+        inner = loss_fn
+
+        def loss_fn(mb, cols):
+            loss, count, _ = inner(mb, cols)
+            return loss, torch.zeros_like(count), {}
+
     return run_pipeline(chunks, mbs, opts, loss_fn, forward_only=False)
 
 
 def student_values(mb: MicroBatch, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T, C] columns of the micro-batch's student rows, mask [B, T]) -- differentiable."""
     full = cols.new_zeros((mb.packed.num_tokens, cols.shape[1]))
-    full = full.index_put((mb.request.positions.to(cols.device),), cols)
+    full = full.index_put((mb.label_positions.to(cols.device),), cols)
     return mb.packed.gather_student(full)

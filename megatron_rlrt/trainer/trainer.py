@@ -92,7 +92,8 @@ class Trainer:
         self.opts = StepOptions(temperature=cfg.rollout_temperature, with_entropy=True,
                                 topk=cfg.distill_topk if self.method.uses_distillation else 0,
                                 use_te=self.platform.has_transformer_engine,
-                                pad_to_multiple_of=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+                                pad_to_multiple_of=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1,
+                                sequence_parallel_size=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         self.start_step, rng = self._restore()
         self.teacher = self._init_teacher()
         self._on_rank0(lambda: self._build_rank0_services(rng), "loading data, verifier and rollout engine")
@@ -367,7 +368,8 @@ class Trainer:
         t_sync = time.perf_counter()
         pieces["perf/logprob_time_s_max"] = (t_collect - t_train, 1.0)
         pieces["perf/update_time_s_max"] = (t_sync - t_collect, 1.0)
-        if self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_pipeline_model_parallel_rank() == 0:
+        if (self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_pipeline_model_parallel_rank() == 0
+                and self.ps.get_context_parallel_rank() == 0):
             # one contribution per data-parallel replica, summed over replicas
             pieces["perf/student_tokens_total"] = (float(sum(len(s.prompt_ids) + len(s.response_ids) for s in local)), 1.0)
             pieces["perf/teacher_tokens_total"] = (float(sum(len(s.teacher_prompt_ids) + len(s.response_ids)
@@ -390,7 +392,7 @@ class Trainer:
         """Old-policy and teacher log-probs (one packed pass when the teacher is the current
         policy), then reference log-probs of the student rows when the KL term is on."""
         cfg = self.cfg
-        budget = cfg.max_tokens_per_gpu if cfg.use_dynamic_batch_size else None
+        budget = (cfg.log_probs_max_tokens_per_gpu or cfg.max_tokens_per_gpu) if cfg.use_dynamic_batch_size else None
         log_probs_only = replace(self.opts, topk=0, with_entropy=False)
         students = [replace(s, teacher_prompt_ids=None) for s in samples]
 

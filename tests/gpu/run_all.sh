@@ -3,7 +3,8 @@
 #   install the carried pure-Python wheels (.whl/), then check_ops (builds the CUDA extension,
 #   correctness + benchmark), check_megatron (Qwen3 on megatron-core on CUDA vs HF, 2 bf16 RLRT
 #   steps), check_sglang (SGLang if importable, else the HF/weight-sync path), check_fp8 (TE FP8
-#   null-teacher D_t and RL steps vs bf16; "not run" without Transformer Engine). Results (json/md)
+#   null-teacher D_t and RL steps vs bf16; "not run" without Transformer Engine), check_long_context (TE THD
+#   32k-token packed forward vs the local spec's PackedCoreAttention; "not run" without TE). Results (json/md)
 #   and one combined log go to $OUT (8 files: the device tool returns at most 8).
 # Per-script time limits keep one hang from eating the others' time: OPS_S, MEGATRON_S, SGLANG_S, FP8_S.
 set -uo pipefail
@@ -38,4 +39,5 @@ step check_ops "${OPS_S:-240}" python3 tests/gpu/check_ops.py --out "$OUT"
 step check_megatron "${MEGATRON_S:-150}" python3 tests/gpu/check_megatron.py --out "$OUT"
 step check_sglang "${SGLANG_S:-100}" python3 tests/gpu/check_sglang.py --output "$OUT/check_sglang.json"
 step check_fp8 "${FP8_S:-240}" python3 tests/gpu/check_fp8.py --out "$OUT"  # "not run" records without TE
+step check_long_context "${LONG_S:-150}" python3 tests/gpu/check_long_context.py --out "$OUT"  # "not run" without TE
 exit $rc

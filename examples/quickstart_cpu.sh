@@ -75,6 +75,9 @@ fi
   --steps "$SFT_STEPS" --wrong-fraction 0.5
 
 echo "[quickstart] RLRT: megatron-core TP=2 on 2 CPU processes -> $OUT/run"
+# a free rendezvous port unless one is given (29500, torchrun's default, may be taken)
+[ -n "${MASTER_PORT:-}" ] || [ "$DRY_RUN" = 1 ] || export MASTER_PORT=$($PY -c \
+  'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 NPROC_PER_NODE=2 run bash examples/train_rlrt_qwen3.sh \
   --hf-checkpoint "$OUT/tiny-qwen3-warm" --prompt-data "$OUT/data/train.jsonl" \
   --eval-data "$OUT/data/eval.jsonl" --eval-n-samples 4 --no-enable-thinking \

@@ -6,8 +6,9 @@ Two ways, one set of sources and flags:
   and builds ``megatron_rlrt.ops._C`` (a CUDAExtension when torch has CUDA, else a CppExtension).
 * otherwise :func:`jit_load` compiles the same sources with torch.utils.cpp_extension + ninja on
   first use into a cache folder (``$MEGATRON_RLRT_EXT_DIR``, default
-  ``~/.cache/megatron_rlrt/ext``) whose name hashes the sources, flags, torch and Python versions,
-  so a cached build is reused (~1 s) and never mixed up with another ISA or torch.
+  ``~/.cache/megatron_rlrt/ext``) whose name hashes the sources (content and folder), flags,
+  torch and Python versions, so a cached build is reused (~1 s) and never mixed up with another
+  ISA, torch or checkout.
 
 CPU kernels are written on ATen's ``Vectorized<float>``; its ISA is chosen at compile time with
 the ``CPU_CAPABILITY`` macros that ATen itself uses, matching what torch dispatches to on this
@@ -148,8 +149,11 @@ def _build_key(capability: str, with_cuda: bool, cuda_arch: list[str]) -> str:
     for p in source_paths(with_cuda) + [os.path.join(CSRC_DIR, n) for n in HEADERS]:
         with open(p, "rb") as f:
             h.update(f.read())
+    # CSRC_DIR too: ninja's build file names the sources by path, so two checkouts sharing one
+    # build folder would each see the other's build as stale and recompile (a minute each time)
     h.update(repr((cxx_flags(capability, with_cuda), nvcc_flags(cuda_arch) if with_cuda else None,
-                   torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())).encode())
+                   torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine(),
+                   os.path.realpath(CSRC_DIR))).encode())
     return h.hexdigest()[:12]
 
 

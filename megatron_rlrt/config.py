@@ -125,6 +125,16 @@ class Config:
     rollout_urls: Optional[str] = _f(None, "comma-separated server URLs for --rollout-engine sglang|vllm")
     colocate: bool = _f(False, "rollout servers share the training GPUs (release/resume memory around training)")
     rollout_num_gpus_per_engine: int = _f(1, "GPUs (tensor-parallel size) per rollout server")
+    rollout_host: Optional[str] = _f(None, "address launched rollout servers listen on (default 127.0.0.1; 0.0.0.0 "
+                                           "when colocated on several nodes, so rank 0 can reach every node's)")
+    rollout_router_url: Optional[str] = _f(None, "a running sglang-router in front of --rollout-urls: /generate goes "
+                                                 "through it, weights and memory control to every server directly")
+    weight_sync: str = _f("auto", "how new weights reach --rollout-engine sglang servers: tensor (IPC handles of the "
+                                  "trainer's memory; colocated), distributed (NCCL broadcast group), disk (snapshot "
+                                  "in --weight-sync-dir); auto = tensor when colocated, else distributed on GPUs, "
+                                  "else disk", choices=("auto", "tensor", "distributed", "disk"))
+    weight_sync_dir: Optional[str] = _f(None, "directory for weight snapshots (disk weight sync; shared storage when "
+                                              "servers run on other nodes); default: a temporary directory")
     update_weight_buffer_size: int = _f(512 * 1024**2, "bytes per weight-sync bucket")
     rollout_quantization: Optional[str] = _f(None, "FP8 rollouts: servers run W8A8 blockwise-FP8 GEMMs (--quantization "
                                                    "fp8) and every weight update is sent as FP8 weights with 128x128 "

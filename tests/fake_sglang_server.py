@@ -405,7 +405,12 @@ def main(argv=None):
     p.add_argument("--model-path", default=None, help="HF checkpoint: every update must deliver all its tensors")
     p.add_argument("--expect-device", default="cpu", help="device update_weights_from_tensor tensors must be on")
     p.add_argument("--enable-memory-saver", dest="memory_saver", action="store_true")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--router-for", default=None,
+                   help="act as sglang-router over these comma-separated server URLs: /generate is forwarded")
     args = p.parse_args(argv)
+    if args.router_for:
+        return run_router(args)
     fake = Fake(args)
     app = web.Application(client_max_size=1 << 30)
     app.add_routes([
@@ -424,7 +429,36 @@ def main(argv=None):
                   "/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_disk",
                   "/release_memory_occupation", "/model_info", "/health"):
         assert route in API["routes"], route  # the fake serves only routes real SGLang has
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+def run_router(args) -> None:
+    """A stand-in for sglang-router 0.3.2: /generate forwarded round-robin to the workers."""
+    import aiohttp
+
+    workers = [u.strip().rstrip("/") for u in args.router_for.split(",") if u.strip()]
+    state = {"next": 0, "forwarded": {u: 0 for u in workers}}
+
+    async def generate(request):
+        body = await request.read()
+        url = workers[state["next"] % len(workers)]
+        state["next"] += 1
+        state["forwarded"][url] += 1
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/generate", data=body,
+                                    headers={"Content-Type": "application/json"}) as resp:
+                return web.Response(status=resp.status, body=await resp.read(), content_type="application/json")
+
+    async def health(request):
+        return web.Response(status=200)
+
+    async def router_state(request):
+        return web.json_response(state)
+
+    app = web.Application(client_max_size=1 << 30)
+    app.add_routes([web.post("/generate", generate), web.get("/health", health),
+                    web.get("/_fake/state", router_state)])
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,15 @@ def _server_kwargs(cfg, hf_dir: str) -> dict:
     return dict(model_path=cfg.rollout_model_path or hf_dir, rollout_urls=cfg.rollout_urls, colocate=cfg.colocate,
                 rollout_num_gpus_per_engine=cfg.rollout_num_gpus_per_engine,
                 update_weight_buffer_size=cfg.update_weight_buffer_size, seed=cfg.seed, progress=cfg.progress,
-                quantization=cfg.rollout_quantization)
+                quantization=cfg.rollout_quantization, weight_sync_dir=cfg.weight_sync_dir,
+                host=cfg.rollout_host or "127.0.0.1")
 
 
 def _sglang(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
     from megatron_rlrt.rollout.sglang_engine import SGLangEngine
 
-    return SGLangEngine(**_server_kwargs(cfg, hf_dir))
+    return SGLangEngine(**_server_kwargs(cfg, hf_dir), weight_sync=cfg.weight_sync,
+                        router_url=cfg.rollout_router_url)
 
 
 def _vllm(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
@@ -43,10 +45,13 @@ def _vllm(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
 
 
 ENGINES: dict[str, Callable] = {"hf": _hf, "sglang": _sglang, "vllm": _vllm}
+# Engines that run as servers: colocated, every node launches its own (rollout/fleet.py).
+SERVER_ENGINES: set[str] = {"sglang", "vllm"}
 
 
-def register_engine(name: str, factory: Callable) -> None:
+def register_engine(name: str, factory: Callable, servers: bool = False) -> None:
     ENGINES[name] = factory
+    (SERVER_ENGINES.add if servers else SERVER_ENGINES.discard)(name)
 
 
 def create_engine(cfg, hf_dir: str, tokenizer) -> RolloutEngine:

@@ -273,6 +273,10 @@ class ServerEngineBase:
 
         drop_old_snapshots(keep)
 
+    def note_version(self, version: int) -> None:
+        """The servers were updated to ``version`` (by another process, e.g. each node's sender)."""
+        self.weight_version = int(version)
+
     def _check_versions(self, version: int, reported: dict[str, Any]) -> None:
         """Mark engines that report another version than ``version`` dead, then require enough live."""
         for url, got in reported.items():

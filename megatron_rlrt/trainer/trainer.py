@@ -54,7 +54,8 @@ from megatron_rlrt.models.hf_checkpoint import load_hf_weights
 from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec, build_model, transformer_config
 from megatron_rlrt.ops import rlrt_epilogue
 from megatron_rlrt.rollout.base import RolloutError, SamplingParams
-from megatron_rlrt.rollout.weight_sync import sync_weights
+from megatron_rlrt.rollout.fleet import RolloutFleet
+from megatron_rlrt.rollout.registry import create_engine
 from megatron_rlrt.trainer import checkpoint as ckpt
 from megatron_rlrt.trainer import run_dir
 from megatron_rlrt.trainer.metrics import MetricsWriter, console_line, phase, reduce_to_rank0
@@ -96,7 +97,11 @@ class Trainer:
                                 sequence_parallel_size=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         self.start_step, rng = self._restore()
         self.teacher = self._init_teacher()
-        self._on_rank0(lambda: self._build_rank0_services(rng), "loading data, verifier and rollout engine")
+        self._on_rank0(lambda: self._build_rank0_services(rng), "loading data and verifier")
+        # the rollout servers of every node (collective); rank 0 generates through fleet.engine
+        self.fleet = RolloutFleet.create(cfg, self.hf_dir, getattr(self, "tokenizer", None), create_engine)
+        self.engine = self.fleet.engine
+        self._on_rank0(lambda: self._attach_engine(rng), "setting up the rollout engine")
         self.metrics = MetricsWriter(cfg.save, cfg.tensorboard, cfg.wandb_project, cfg.to_dict(), self.start_step)
         self._sync_engine(version=self.start_step)
 
@@ -200,7 +205,6 @@ class Trainer:
     def _build_rank0_services(self, rng):
         from megatron_rlrt.data import DataConfig, PromptDataset, PromptLoader, TemplateConfig
         from megatron_rlrt.reward import get_reward
-        from megatron_rlrt.rollout.registry import create_engine
         from megatron_rlrt.tokenizer import load_tokenizer
 
         cfg = self.cfg
@@ -222,9 +226,6 @@ class Trainer:
             self.eval_set = self.eval_set[: cfg.eval_max_prompts] if cfg.eval_max_prompts else self.eval_set
         self.reward = get_reward(cfg.reward, timeout_s=cfg.reward_timeout, num_workers=cfg.reward_workers,
                                  progress=cfg.progress)
-        self.engine = create_engine(cfg, self.hf_dir, self.tokenizer)
-        if rng and "rollout_generator" in rng and hasattr(self.engine, "generator"):
-            self.engine.generator.set_state(rng["rollout_generator"])
         self.teacher_cfg = TeacherConfig(context=_CONTEXT[cfg.resolved_teacher_context()],
                                          peer_choice=cfg.teacher_peer_choice, strip_thinking=cfg.teacher_strip_thinking,
                                          max_teacher_prompt_len=cfg.teacher_max_prompt_len, weights=cfg.teacher_weights,
@@ -233,6 +234,10 @@ class Trainer:
         if rng and "peer_generator" in rng:
             self.peer_generator.set_state(rng["peer_generator"])
         self.enable_thinking = cfg.enable_thinking
+
+    def _attach_engine(self, rng):
+        if rng and "rollout_generator" in rng and hasattr(self.engine, "generator"):
+            self.engine.generator.set_state(rng["rollout_generator"])
         self.eos_ids = list(getattr(self.engine, "eos_token_ids", [self.tokenizer.eos_token_id]))
 
     # -- helpers -----------------------------------------------------------------------------
@@ -269,8 +274,8 @@ class Trainer:
                               top_k=cfg.rollout_top_k, stop_token_ids=tuple(self.eos_ids), seed=seed)
 
     def _sync_engine(self, version: int) -> float:
-        return sync_weights(self.engine if self.rank0 else None, self.chunks, self.spec, version,
-                            self.cfg.update_weight_buffer_size)
+        """Collective: the servers take their weights back, load ``version``, take their KV cache."""
+        return self.fleet.refresh(self.chunks, self.spec, version)
 
     # -- rank 0: rollout, reward, advantages, teacher views ----------------------------------
 
@@ -282,6 +287,7 @@ class Trainer:
             # a fresh, reproducible seed per step (server engines derive per-request seeds from it)
             rollouts = self.engine.generate([p.prompt_ids for p in prompts], k,
                                             self._sampling(seed=cfg.seed * 7919 + step))
+        self.fleet.release()  # colocated: the servers free weights and KV cache for training
         t_rollout = time.perf_counter() - t0
         flat = [(g, s) for g, group in enumerate(rollouts) for s in group]
         if len(rollouts) != len(prompts) or any(len(group) != k for group in rollouts):
@@ -637,7 +643,7 @@ class Trainer:
         self.metrics.close()
         if self.rank0:
             self.reward.close()
-            self.engine.shutdown()
+        self.fleet.shutdown()
 
 
 def _pad_rows(x: torch.Tensor, width: int, k: int) -> torch.Tensor:

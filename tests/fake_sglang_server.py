@@ -66,7 +66,21 @@ class SafeUnpickler(__import__("pickle").Unpickler):
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise __import__("pickle").UnpicklingError(f"SGLang would block {module}.{name}")
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return rebuild_cuda_tensor_by_uuid
         return super().find_class(module, name)
+
+
+def rebuild_cuda_tensor_by_uuid(*args):
+    """SGLang's monkey_patch_torch_reductions: the device travels as its UUID."""
+    import torch
+    from torch.multiprocessing import reductions
+
+    args = list(args)
+    if isinstance(args[6], str):
+        args[6] = next(i for i in range(torch.cuda.device_count())
+                       if str(torch.cuda.get_device_properties(i).uuid) == args[6])
+    return reductions.rebuild_cuda_tensor(*args)
 
 
 def expected_parameters(model_path: str) -> dict:

@@ -66,7 +66,9 @@ def fleet_rank(argv: list[str], out_dir: str, sabotage: str = "") -> None:
     # a 1-rank spawn runs in the test process: everything patched here is put back at the end
     saved = (registry.ENGINES["sglang"], set(registry.SERVER_ENGINES), fleet.RolloutFleet.release,
              weight_sync.iter_hf_tensors)
-    register_fake_sglang("cuda" if sabotage == "cuda-servers" else "cpu")
+    # the servers' weights live where the trainer's do (on a GPU machine: CUDA IPC for real)
+    device = "cuda" if torch.cuda.is_available() or sabotage == "cuda-servers" else "cpu"
+    register_fake_sglang(device)
     if sabotage == "no-release":
         fleet.RolloutFleet.release = lambda self: None
     if sabotage == "skip-param":

@@ -132,7 +132,7 @@ def check_rl_steps(tmp: str, recipe: str | None, baseline: dict | None):
         assert torch.isfinite(torch.tensor(m["actor/grad_norm"])) and m["actor/grad_norm"] > 0, m
         assert all(torch.isfinite(torch.tensor(v)) for k, v in m.items() if k.startswith("loss/")), m
     timed = steps[1:]  # step 0 warms up (and fills the FP8 amax history)
-    keys = sorted({k for m in timed for k in m if k.startswith("perf/") and k.endswith("_s")})
+    keys = sorted({k for m in timed for k in m if k.startswith("perf/") and k.endswith(("_time_s", "_sync_s"))})
     detail = {"losses": [{k: round(v, 5) for k, v in m.items() if k.startswith("loss/")} for m in steps],
               "grad_norms": [round(m["actor/grad_norm"], 5) for m in steps],
               "perf": {k: round(sum(m.get(k, 0.0) for m in timed) / len(timed), 4) for k in keys}}

@@ -286,6 +286,17 @@ def fp8_pad_multiple(opts: Fp8Options, shards: int = 1) -> int:
     return opts.pad_divisor() * shards if opts.enabled else 1
 
 
+def pack_multiple(cfg: Any) -> int:
+    """``pad_to_multiple_of`` of the trainer's packed micro-batches for ``cfg``: the sequence-
+    parallel multiple combined with the FP8 multiple over the sequence's shards (the per-row
+    context-parallel padding is the packer's own, ``pack_rows(segment_multiple=...)``)."""
+    from megatron_rlrt.packing import pad_multiple
+
+    tp, sp = cfg.tensor_model_parallel_size, cfg.sequence_parallel
+    shards = sequence_shards(tp, sp, cfg.context_parallel_size)
+    return pad_multiple(tp if sp else 1, fp8_pad_multiple(Fp8Options.from_config(cfg), shards))
+
+
 def _version_tuple(text: str) -> tuple:
     """(major, minor, micro) of a version string; pre-release/local tags ("2.3.0.dev0+abc") dropped."""
     from packaging.version import Version

@@ -209,3 +209,18 @@ def test_logprob_precision_bf16_turns_fp8_off_for_the_pass_only():
     plain = transformer_config(SPEC, params_dtype=torch.bfloat16)
     with precision.logprob_precision(plain, "bf16"):  # no FP8: nothing to switch
         assert plain.fp8 is None
+
+
+@pytest.mark.parametrize("flags,multiple", [
+    ([], 1), (["--tensor-model-parallel-size", "4", "--sequence-parallel"], 4),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"], 16),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "blockwise", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+     256),
+    (["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8", "--context-parallel-size", "2"], 128),
+])
+def test_the_trainers_pack_multiple(flags, multiple):
+    cfg = parse_config(flags)
+    assert precision.pack_multiple(cfg) == multiple
+    tp = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
+    per_rank = multiple // (tp * cfg.context_parallel_size)  # tokens one rank's GEMMs see per multiple
+    assert per_rank % Fp8Options.from_config(cfg).pad_divisor() == 0

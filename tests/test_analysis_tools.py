@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -157,13 +158,18 @@ def test_analyze_asymmetry_torchrun_tp2_megatron_checkpoint(tiny_model, rollouts
     mcore = str(tmp_path / "mcore")
     hf_to_megatron(tiny_model, mcore, tp=2)
     out = str(tmp_path / "tp2")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(REPO, "tools", "analyze_asymmetry.py"), "--checkpoint", mcore,
-                           "--rollouts", rollouts, "--output-dir", out, "--no-progress", "--max-rollouts", "2",
-                           "--tensor-model-parallel-size", "2"],
-                          capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tools", "analyze_asymmetry.py"), "--checkpoint", mcore, "--rollouts", rollouts,
+           "--output-dir", out, "--no-progress", "--max-rollouts", "2", "--tensor-model-parallel-size", "2"]
+    # own session: a timeout kills torchrun AND its ranks
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     recs = [json.loads(line) for line in open(os.path.join(out, "asymmetry.jsonl"))]
     problems = {json.loads(line)["id"]: json.loads(line) for line in open(rollouts)}
     tok = load_tokenizer(tiny_model)

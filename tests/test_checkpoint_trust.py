@@ -204,6 +204,22 @@ def test_resume_after_damage_continues_from_the_intact_checkpoint(trained_run, t
     assert (run / "checkpoints" / "latest").read_text() == "iter_0000003"
 
 
+def test_damage_in_a_checkpoint_without_manifest_is_one_line(trained_run, tiny_model, arithmetic_data, tmp_path):
+    """Checkpoints written before manifests existed: a truncated shard is still one line naming
+    the directory, not megatron's 100-line traceback."""
+    run = _copy(trained_run, tmp_path)
+    for step in (1, 2):
+        (_iter(run, step) / "manifest.json").unlink()
+    shard = _iter(run, 2) / "optim" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:200])
+    r = _cli(*_train_args(tiny_model, arithmetic_data, run, 3))
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{_iter(run, 2) / 'optim'}: cannot load this distributed checkpoint" in errors[0]
+    assert "has no manifest.json" in r.stdout
+
+
 def test_model_checkpoint_manifest_is_checked_on_load(tiny_model, tmp_path):
     """tools/convert_* and --load/--ref-load read model checkpoints through load_model_checkpoint,
     which checks the manifest the converter wrote."""

@@ -134,14 +134,31 @@ def check_dcp_metadata(path: str) -> None:
                               "is damaged or was crafted to run code") from None
 
 
+def load_dcp_dir(sharded_state: dict, path: str) -> dict:
+    """dist_checkpointing.load, with any failure (a damaged file in a checkpoint without a
+    manifest, another layout) turned into one CheckpointError line naming the directory."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    check_dcp_metadata(path)
+    try:
+        return dist_checkpointing.load(sharded_state, path)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001  (many types, 100-line messages)
+        inner = exc
+        if isinstance(exc, CheckpointException) and getattr(exc, "failures", None):  # {rank: wrapped error}
+            failure = next(iter(exc.failures.values()))
+            inner = getattr(failure, "exc", failure)
+            inner = inner[0] if isinstance(inner, tuple) and inner else inner  # (exception, traceback)
+        first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path}: cannot load this distributed checkpoint ({type(inner).__name__}: "
+                              f"{first[:300]})") from None
+
+
 def read_model_dir(chunks: Sequence[torch.nn.Module], path: str) -> None:
     """Load ``path`` (written at any TP/PP layout) into this rank's model chunks (collective)."""
-    from megatron.core import dist_checkpointing
-
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no megatron model checkpoint here")
-    check_dcp_metadata(path)
-    state = dist_checkpointing.load(sharded_model_state(chunks), path)
+    state = load_dcp_dir(sharded_model_state(chunks), path)
     if len(chunks) == 1:
         mp.unwrap(chunks[0]).load_state_dict(state["model"], strict=True)
     else:

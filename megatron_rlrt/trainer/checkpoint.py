@@ -38,7 +38,7 @@ from megatron_rlrt.models.megatron_checkpoint import (
     MODEL_DIR,
     copy_hf_config_dir,
     read_metadata,
-    check_dcp_metadata,
+    load_dcp_dir,
     read_model_dir,
     sharded_model_state,
     write_metadata,
@@ -263,7 +263,6 @@ def _check_optimizer_layout(path: str, meta: dict, state: dict, optimizer) -> No
 def load_checkpoint(path: str, chunks, optimizer, scheduler, log=print) -> tuple[dict, dict | None]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns (trainer_state, the
     saved rollout/peer generator states of rank 0 or None)."""
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     meta = read_metadata(path)
@@ -273,9 +272,8 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, log=print) -> tuple
     read_model_dir(chunks, os.path.join(path, MODEL_DIR))
     model_sd = sharded_model_state(chunks)
     optim_dir = os.path.join(path, OPTIM_DIR)
-    check_dcp_metadata(optim_dir)
-    optim_state = dist_checkpointing.load(optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                       metadata=OPTIM_METADATA), optim_dir)
+    optim_state = load_dcp_dir(optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA),
+                               optim_dir)
     with torch.no_grad():  # fp32 training: the optimizer's main params are views of the model's
         optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(state["scheduler"])

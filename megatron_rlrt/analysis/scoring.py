@@ -253,21 +253,18 @@ def _output_processor(*, hidden_states, output_layer, output_weight, context: _C
     return stats
 
 
-def _model_inputs(packed: PackedBatch, use_te: bool, device) -> dict:
-    inputs = dict(input_ids=packed.tokens.to(device), position_ids=packed.position_ids.to(device))
-    if use_te:
-        from megatron.core.packed_seq_params import PackedSeqParams
+def _model_inputs(packed: PackedBatch, device) -> dict:
+    """Packed (THD) inputs as the trainer passes them: row boundaries in ``cu_seqlens``, no
+    [N, N] mask (Transformer Engine on a GPU, the local spec's PackedCoreAttention on a CPU)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = packed.cu_seqlens.to(device)
-        inputs["attention_mask"] = None
-        inputs["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                      max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
-    else:
-        inputs["attention_mask"] = packed.attention_mask().to(device)
-    return inputs
+    cu = packed.cu_seqlens.to(device)
+    return dict(input_ids=packed.tokens.to(device), position_ids=packed.position_ids.to(device), attention_mask=None,
+                packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                  max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen))
 
 
-def _forward(chunks, ctx: _Context, use_te: bool):
+def _forward(chunks, ctx: _Context):
     """One pack through megatron's schedule (no grad); the hook's output on the last stage, else None."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -278,7 +275,7 @@ def _forward(chunks, ctx: _Context, use_te: bool):
 
     def step(data_iterator, model):
         next(data_iterator)
-        out = model(**_model_inputs(ctx.pack.packed, use_te, device), output_processor=_output_processor,
+        out = model(**_model_inputs(ctx.pack.packed, device), output_processor=_output_processor,
                     output_processor_context=ctx)
 
         def loss_func(result):
@@ -310,7 +307,6 @@ def _split(pack: _Pack, stats: dict) -> dict[int, PositionScores]:
 class ScoreOptions:
     topk: int = 100  # the paper's candidate sets: union of both top-100
     max_tokens_per_pack: int = 8192
-    use_te: bool = False  # THD packed attention (Transformer Engine) instead of an explicit mask
     pad_to_multiple_of: int = 1
     progress: Optional[Callable[[int], None]] = None  # called with the number of items done per pack
 
@@ -323,7 +319,7 @@ def score_views(chunks, items: Sequence[ScoreItem], opts: ScoreOptions = ScoreOp
     out: dict[int, PositionScores] = {}
     for group in plan_score_packs(items, True, opts.max_tokens_per_pack):
         pack = _make_pack(group, True, opts.pad_to_multiple_of)
-        stats = _forward(chunks, _Context(pack, "views", opts.topk), opts.use_te)
+        stats = _forward(chunks, _Context(pack, "views", opts.topk))
         if stats is not None:
             out.update(_split(pack, stats))
         if opts.progress:
@@ -339,8 +335,8 @@ def score_policies(chunks_a, chunks_b, items: Sequence[ScoreItem],
     out: dict[int, PositionScores] = {}
     for group in plan_score_packs(items, False, opts.max_tokens_per_pack):
         pack = _make_pack(group, False, opts.pad_to_multiple_of)
-        stored = _forward(chunks_b, _Context(pack, "store_b", opts.topk), opts.use_te)
-        stats = _forward(chunks_a, _Context(pack, "policies", opts.topk, stored), opts.use_te)
+        stored = _forward(chunks_b, _Context(pack, "store_b", opts.topk))
+        stats = _forward(chunks_a, _Context(pack, "policies", opts.topk, stored))
         if stats is not None:
             out.update(_split(pack, stats))
         if opts.progress:

@@ -29,6 +29,7 @@ Failure behaviour: as every server engine (``server_engine`` and ``http_client``
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -41,6 +42,8 @@ from megatron_rlrt.rollout import http_client as hc
 from megatron_rlrt.rollout.base import RolloutError, RolloutSample, SamplingParams
 from megatron_rlrt.rollout.launch import EnginePlacement, gpu_env, vllm_server_command
 from megatron_rlrt.rollout.server_engine import DEFAULT_BUCKET_BYTES, ServerEngineBase
+
+logger = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION = "megatron_rlrt.rollout.vllm_worker_ext.WeightSyncExtension"
@@ -235,16 +238,24 @@ class VLLMEngine(ServerEngineBase):
     def served_weight_versions(self) -> dict[str, str]:
         return {r.url: (r.body or {}).get("weight_version") for r in self._control("GET", "/weight_info")}
 
+    def _sleep_mode(self) -> bool:
+        """Colocated servers sleep while the trainer trains; vLLM's CPU build has no sleep mode
+        (launched without ``--enable-sleep-mode``), so there it stays awake."""
+        if self.colocate and not torch.cuda.is_available() and not getattr(self, "_warned_sleep", False):
+            logger.warning("vllm: no sleep mode on CPU; colocated servers keep their memory")
+            self._warned_sleep = True
+        return self.colocate and torch.cuda.is_available()
+
     def release_memory(self, tags=None) -> None:
         """Colocated: ``/sleep?level=1`` (weights offloaded to CPU, KV cache dropped; vLLM's sleep
         has no tags: any release puts the whole server to sleep)."""
         self._check_open()
-        if self.colocate:
+        if self._sleep_mode():
             self._control("POST", "/sleep", params={"level": "1", "mode": "abort"}, what="sleep")
 
     def resume_memory(self, tags=None) -> None:
         """``/wake_up`` (``?tags=weights`` / ``?tags=kv_cache``: vLLM wakes each part on its own)."""
         self._check_open()
-        if self.colocate:
+        if self._sleep_mode():
             params = [("tags", t) for t in tags] if tags else None  # vLLM reads getlist("tags")
             self._control("POST", "/wake_up", params=params, what="wake_up")

@@ -68,7 +68,23 @@ class SafeUnpickler(__import__("pickle").Unpickler):
             raise __import__("pickle").UnpicklingError(f"SGLang would block {module}.{name}")
         if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
             return rebuild_cuda_tensor_by_uuid
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_storage_filename"):
+            return rebuild_storage_filename_noting_sender
         return super().find_class(module, name)
+
+
+SHM_SENDERS: set = set()  # pids of the processes whose shared memory updates were read from
+
+
+def rebuild_storage_filename_noting_sender(cls, manager, handle, size, dtype=None):
+    """torch's own rebuild; the shared-memory name (``/torch_<pid>_...``) tells whose memory it is."""
+    from torch.multiprocessing import reductions
+
+    name = handle.decode() if isinstance(handle, bytes) else str(handle)
+    parts = name.strip("/").split("_")
+    if len(parts) > 1 and parts[0] == "torch" and parts[1].isdigit():
+        SHM_SENDERS.add(int(parts[1]))
+    return reductions.rebuild_storage_filename(cls, manager, handle, size, dtype)
 
 
 def rebuild_cuda_tensor_by_uuid(*args):
@@ -393,7 +409,7 @@ class Fake:
         return web.json_response({
             "calls": self.calls, "weights": {n: checksum(t) for n, t in self.weights.items()},
             "version": self.version, "released": sorted(self.released), "generate_count": self.generate_count,
-            "violations": self.violations})
+            "violations": self.violations, "shm_senders": sorted(SHM_SENDERS)})
 
     async def dump(self, request):
         """Write the rebuilt state dict as safetensors to the path in the body."""

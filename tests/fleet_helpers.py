@@ -115,8 +115,9 @@ def _run(argv: list[str], out_dir: str, sabotage: str) -> None:
         for s in range(trainer.cfg.train_iters):
             result["steps"].append(trainer.step(s))
         every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, seen)
-        result["during_train"] = [snap for per_rank in every for snap in per_rank if snap]
+        dist.all_gather_object(every, (seen, os.getpid(), os.environ.get("GROUP_RANK", "0")))
+        result["during_train"] = [snap for per_rank, _, _ in every for snap in per_rank if snap]
+        result["ranks"] = [{"pid": pid, "node": int(node)} for _, pid, node in every]
         if dist.get_rank() == 0:
             result["version"] = trainer.fleet.engine.weight_version
         stream = gather_hf_weights(trainer.chunks, trainer.spec, [0], "cpu")

@@ -93,6 +93,7 @@ def test_colocated_one_node(tiny_model, arithmetic_data, tmp_path):
     _check_updates(state, STEPS + 1)
     _colocated_cycle(state)
     assert "update_weights_from_tensor" in state["calls"]
+    assert state["shm_senders"] == [r["ranks"][0]["pid"]]  # rank 0's memory, shared, not copied
     _check_weights(out, 1, tiny_model)
 
 
@@ -202,6 +203,10 @@ def test_colocated_two_nodes_on_loopback(tiny_model, arithmetic_data, tmp_path):
         _check_updates(state, STEPS + 1)
         _colocated_cycle(state)
         assert "update_weights_from_tensor" in state["calls"]
+    # each server read its updates from the shared memory of its own node's rank, and only that
+    for node, url in enumerate(r["urls"]):
+        own = [rank["pid"] for rank in r["ranks"] if rank["node"] == node]
+        assert r["servers"][url]["shm_senders"] == own, (node, url, r["ranks"])
     # while each node trains, its own server holds no memory (every node checked: both URLs seen)
     assert {u for seen in r["during_train"] for u in seen} == set(r["urls"])
     assert all(v == ["kv_cache", "weights"] for seen in r["during_train"] for v in seen.values())

@@ -277,7 +277,9 @@ def long_step_rank(argv, lengths, out_path):
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import psutil
+
+    rss0 = psutil.Process().memory_info().rss / 1024  # current RSS just before the step (KiB, as ru_maxrss)
     t0 = time.perf_counter()
     try:
         metrics = trainer.step(0)

@@ -150,3 +150,27 @@ if __name__ == "__main__":  # under torchrun: python -m tests.fleet_helpers SPEC
     spec = json.load(open(sys.argv[1]))
     torch.set_num_threads(1)
     fleet_rank(spec["argv"], spec["out_dir"], spec.get("sabotage", ""))
+
+
+def gather_rank(hf_dir: str, pp: int, receivers: list[int], out_dir: str) -> None:
+    """Load ``hf_dir`` at PP=``pp``; every receiver writes what ``gather_hf_weights`` gave it."""
+    from safetensors.torch import save_file
+
+    from megatron_rlrt import parallel
+    from megatron_rlrt.models.hf_checkpoint import load_hf_weights
+    from megatron_rlrt.models.megatron_checkpoint import load_hf_into_model
+    from megatron_rlrt.models.qwen3 import Qwen3Spec, build_model, transformer_config
+    from megatron_rlrt.rollout.weight_sync import gather_hf_weights
+
+    parallel.initialize(parallel.ParallelLayout(1, pp))
+    spec = Qwen3Spec.from_hf_dir(hf_dir)
+    config = transformer_config(spec, pipeline_model_parallel_size=pp, params_dtype=torch.float32,
+                                perform_initialization=False)
+    chunks = build_model(spec, config)
+    load_hf_into_model(chunks, spec, load_hf_weights(hf_dir, spec))
+    got = {n: t.contiguous() for n, t in gather_hf_weights(chunks, spec, receivers, "cpu")}
+    if dist.get_rank() in receivers:
+        save_file(got, os.path.join(out_dir, f"rank{dist.get_rank()}.safetensors"))
+    else:
+        assert not got
+    parallel.destroy()

@@ -7,9 +7,10 @@ megatron's schedule, DDP and Adam) on a fixed-token batch from the test harness
 teacher row = prompt + peer solution + the same response; no sampling). Tiny Qwen3 with the REAL
 151,936-entry vocabulary, hidden 96, 2 layers (the issue's baseline model), float32.
 
-Per response length and layout it prints the peak RSS of every rank above the RSS it had just
-before the step ("extra peak"), the step time, and:
-  * growth: extra peak per response token between consecutive lengths -- constant when memory
+Per response length and layout it prints the peak RSS of every rank (whole process: model,
+Adam, rank 0's HF rollout engine), the peak above the RSS just before the step ("extra peak"; an
+underestimate when the step reuses memory the process already freed), the step time, and:
+  * growth: peak RSS per response token between consecutive lengths -- constant when memory
     grows linearly (a quadratic term would double it with each doubling of N);
   * ratio vs the issue's baseline (measured 2026-12-02 before this work, `collect` only, one
     sample, 1 rank: 1,024 -> +2.4 GB, 2,048 -> +4.8 GB, 4,096 -> +9.6 GB, 8,192 -> +19.4 GB).
@@ -91,16 +92,16 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     print()
     print(f"{'layout':8} {'N':>6} {'extra peak GB (max rank)':>25} {'peak RSS GB':>12} {'step s':>8} "
-          f"{'MB/token growth':>16} {'vs issue 8k (+19.4 GB)':>23}")
+          f"{'peak MB/token':>16} {'peak vs issue 8k +19.4 GB':>23}")
     for layout in args.layouts:
         rows = [r for r in results if r["layout"] == layout]
         prev = None
         for r in rows:
-            extra = max(r["extra_peak_gb_per_rank"])
-            growth = "" if prev is None else f"{(extra - prev[1]) * 1e3 / (r['response_tokens'] - prev[0]):.3f}"
-            print(f"{layout:8} {r['response_tokens']:>6} {extra:>25.2f} {max(r['peak_rss_gb_per_rank']):>12.2f} "
-                  f"{r['step_s']:>8.1f} {growth:>16} {extra / ISSUE_BASELINE_GB[8192]:>22.3f}x")
-            prev = (r["response_tokens"], extra)
+            extra, peak = max(r["extra_peak_gb_per_rank"]), max(r["peak_rss_gb_per_rank"])
+            growth = "" if prev is None else f"{(peak - prev[1]) * 1e3 / (r['response_tokens'] - prev[0]):.3f}"
+            print(f"{layout:8} {r['response_tokens']:>6} {extra:>25.2f} {peak:>12.2f} "
+                  f"{r['step_s']:>8.1f} {growth:>16} {peak / ISSUE_BASELINE_GB[8192]:>22.3f}x")
+            prev = (r["response_tokens"], peak)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -88,8 +88,8 @@ def _check_views(tiny_model, scores, items):
         assert torch.equal(s.top_ids_a[:, :5], ref["la"].topk(5, -1).indices)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_views_d_bar_matches_two_transformers_forwards(tiny_model, tp):
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_views_d_bar_matches_two_transformers_forwards(tiny_model, tp, pp):
     from megatron_rlrt.analysis.checkpoints import resolve
     from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
     from megatron_rlrt.analysis.scoring import ScoreOptions
@@ -97,7 +97,8 @@ def test_views_d_bar_matches_two_transformers_forwards(tiny_model, tp):
 
     items = _items(load_tokenizer(tiny_model))
     [scores] = run_scoring([ScoreTask("views", resolve(tiny_model), items)],
-                           ScoreRun(tensor_model_parallel_size=tp, options=ScoreOptions(topk=20), progress=False))
+                           ScoreRun(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                    options=ScoreOptions(topk=20), progress=False))
     _check_views(tiny_model, scores, items)
 
 

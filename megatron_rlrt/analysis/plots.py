@@ -134,6 +134,7 @@ def distribution_shift(panels: Mapping[str, dict], path: str, js_threshold: floa
         th, fr = p["depth"]
         axes[2].plot(th, fr, marker="o", ms=3, label=label)
     axes[0].axvline(js_threshold, ls="--", color="k", lw=0.8)
+    axes[0].set_xscale("log")
     if any(y > 0 for p in panels.values() for y in p["ccdf"][1]):
         axes[0].set_yscale("log")
     axes[0].set_xlabel("JS(pi_ft || pi_base)")

@@ -102,7 +102,7 @@ def test_views_d_bar_matches_two_transformers_forwards(tiny_model, tp, pp):
     _check_views(tiny_model, scores, items)
 
 
-def test_policies_js_matches_transformers(tiny_models):
+def test_policies_js_matches_transformers(tiny_models, monkeypatch):
     from megatron_rlrt.analysis.checkpoints import resolve
     from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
     from megatron_rlrt.analysis.scoring import ScoreOptions
@@ -111,6 +111,9 @@ def test_policies_js_matches_transformers(tiny_models):
     import tempfile, os
     from tests.conftest import TINY_CONFIGS
 
+    from megatron_rlrt.analysis import scoring
+
+    monkeypatch.setattr(scoring, "_ROW_BLOCK", 3)  # several blocks per pack (one rank: in this process)
     base = tiny_models["tied"]
     with tempfile.TemporaryDirectory() as tmp:
         other = make_tiny_qwen3(os.path.join(tmp, "ft"), seed=7, **TINY_CONFIGS["tied"])

@@ -163,9 +163,12 @@ def pair_statistics(shard_a: torch.Tensor, shard_b: torch.Tensor, targets: torch
     return out
 
 
-def _blocked_pair_statistics(shard_a, shard_b, targets, k) -> dict:
-    parts = [pair_statistics(shard_a[s : s + _ROW_BLOCK], shard_b[s : s + _ROW_BLOCK], targets[s : s + _ROW_BLOCK], k)
-             for s in range(0, shard_a.shape[0], _ROW_BLOCK)]
+def _blocked_pair_statistics(logits_a, logits_b, targets, k, n: int) -> dict:
+    """pair_statistics over ``n`` positions in blocks of _ROW_BLOCK rows; ``logits_a(sl)`` /
+    ``logits_b(sl)`` give the [rows, V/TP] shard logits of a slice, so at most one block of
+    vocabulary-wide temporaries exists at a time."""
+    parts = [pair_statistics(logits_a(slice(s, s + _ROW_BLOCK)), logits_b(slice(s, s + _ROW_BLOCK)),
+                             targets[s : s + _ROW_BLOCK], k) for s in range(0, n, _ROW_BLOCK)]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
@@ -243,12 +246,15 @@ def _output_processor(*, hidden_states, output_layer, output_weight, context: _C
     def shard_logits(pos):
         return (hidden[pos.to(device)] @ weight.t()).float()
 
-    if context.mode == "store_b":
+    if context.mode == "store_b":  # policies mode: B's logits wait for A's pass ([n, V/TP] per pack)
         return shard_logits(pack.b_pos)
     targets = pack.packed.labels[0, pack.a_pos].to(device)
-    a = shard_logits(pack.a_pos)
-    b = shard_logits(pack.b_pos) if context.mode == "views" else context.stored_b.to(device)
-    stats = _blocked_pair_statistics(a, b, targets, context.topk)
+    if context.mode == "views":
+        b_logits = lambda sl: shard_logits(pack.b_pos[sl])
+    else:
+        b_logits = lambda sl: context.stored_b[sl].to(device)
+    stats = _blocked_pair_statistics(lambda sl: shard_logits(pack.a_pos[sl]), b_logits, targets, context.topk,
+                                     len(pack.a_pos))
     stats["token_ids"] = targets
     return stats
 

@@ -124,3 +124,30 @@ def test_token_budget_gives_an_oversized_row_its_own_microbatch():
     # with CP=2 a micro-batch holds 2 x the per-GPU budget: the whole first sample fits together
     cp2 = plan_microbatches(samples, True, 1, max_tokens=1024, cp_size=2)
     assert any(sorted(len(r) for r in mb)[-2:] == [910, 950] for mb in cp2)
+
+
+def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
+    """The trainer as launched (HF rollouts, verifier, RLRT teacher views), same seed: the first two
+    steps' losses and metrics at --context-parallel-size 2 equal CP=1's (1e-4 relative: step 2's
+    rollouts come from weights updated by each run)."""
+    import json
+
+    from megatron_rlrt import parallel
+    from tests.trainer_helpers import train_rank
+
+    base = ["--hf-checkpoint", tiny_model, "--prompt-data", arithmetic_data, "--reward", "hash_parity",
+            "--advantage-estimator", "rlrt", "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",
+            "--rollout-max-response-len", "6", "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
+            "--no-progress", "--no-tensorboard", "--enable-thinking", "--teacher-max-prompt-len", "512", "--seed", "7"]
+    runs = {}
+    for name, extra, world in (("cp1", [], 1), ("cp2", ["--context-parallel-size", "2"], 2)):
+        parallel.spawn(train_rank, world, base + extra + ["--save", str(tmp_path / name)])
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = {r["step"]: r for r in map(json.loads, lines) if r["step"] in (1, 2)}
+    assert sum(runs["cp1"][s]["rlrt/teacher_built"] for s in (1, 2)) > 0
+    for step in (1, 2):  # step 2 also checks that the CP=2 update moved the weights like CP=1's
+        one, two = runs["cp1"][step], runs["cp2"][step]
+        assert one["actor/grad_norm"] > 0
+        for key, value in one.items():
+            if key.startswith(("loss/", "actor/", "rlrt/", "reward/", "response/")) and isinstance(value, float):
+                assert abs(two[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, two[key])

@@ -247,9 +247,9 @@ def long_step_rank(argv, lengths, out_path):
     register_test_rewards()
     trainer = Trainer(parse_config(argv))
     batch = fixed_rlrt_batch(*lengths)
-    trainer._make_batch = lambda step=0: batch
+    trainer.make_batch = lambda step=0: batch
     record = {}
-    collect = trainer._collect
+    collect = trainer.score
 
     def recording_collect(samples):
         out = collect(samples)
@@ -257,7 +257,7 @@ def long_step_rank(argv, lengths, out_path):
         record["teacher"] = {i: v.tolist() for i, v in out.teacher_logprobs.items()}
         return out
 
-    trainer._collect = recording_collect
+    trainer.score = recording_collect
     step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):

@@ -120,7 +120,7 @@ def _run(argv: list[str], out_dir: str, sabotage: str) -> None:
         result["ranks"] = [{"pid": pid, "node": int(node)} for _, pid, node in every]
         if dist.get_rank() == 0:
             result["version"] = trainer.fleet.engine.weight_version
-        stream = gather_hf_weights(trainer.chunks, trainer.spec, [0], "cpu")
+        stream = gather_hf_weights(trainer.chunks, trainer.arch, [0], "cpu")
         named = {n: t.contiguous() for n, t in stream}
         if dist.get_rank() == 0:
             from safetensors.torch import save_file

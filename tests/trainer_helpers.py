@@ -71,7 +71,7 @@ def weight_sync_rank(argv: list[str], out_path: str) -> None:
     try:
         before = None
         if dist.get_rank() == 0:
-            before = {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}
+            before = {n: p.detach().clone() for n, p in trainer.services.engine.model.named_parameters()}
         trainer.step(0)  # updates the policy and syncs it into the engine
         for c in trainer.chunks:
             c.eval()
@@ -87,10 +87,10 @@ def weight_sync_rank(argv: list[str], out_path: str) -> None:
         dist.broadcast_object_list(holder, src=src)
         if dist.get_rank() == 0:
             with torch.no_grad():
-                ref = trainer.engine.model(tokens).logits.float()
-            changed = max((p - before[n]).abs().max().item() for n, p in trainer.engine.model.named_parameters())
+                ref = trainer.services.engine.model(tokens).logits.float()
+            changed = max((p - before[n]).abs().max().item() for n, p in trainer.services.engine.model.named_parameters())
             result = {"max_abs_diff": (holder[0] - ref).abs().max().item(), "engine_changed": changed,
-                      "version": trainer.engine.weight_version}
+                      "version": trainer.services.engine.weight_version}
             with open(out_path, "w") as f:
                 json.dump(result, f)
     finally:
@@ -110,7 +110,7 @@ def teacher_logprobs_rank(argv: list[str], out_path: str) -> None:
     register_test_rewards()
     trainer = Trainer(parse_config(argv))
     try:
-        batch = trainer._on_rank0(trainer._make_batch, "test batch")
+        batch = trainer.make_batch()
         samples = batch.samples
         packed = collect(trainer.chunks, samples, trainer.opts, 4, None)
         # the same teacher sequences, run as ordinary rows of their own (no student rows beside them)
@@ -142,12 +142,12 @@ def frozen_teacher_rank(argv: list[str], out_path: str) -> None:
     register_test_rewards()
     trainer = Trainer(parse_config(argv))
     try:
-        batch = trainer._on_rank0(trainer._make_batch, "test batch")
+        batch = trainer.make_batch()
         samples = batch.samples
-        frozen = trainer._collect(samples)  # the swapped-in starting weights
+        frozen = trainer.score(samples)  # the swapped-in starting weights
         packed = collect(trainer.chunks, samples, trainer.opts, 4, None)  # teacher rows beside the students
         trainer.step(0)
-        later = trainer._collect(samples)
+        later = trainer.score(samples)
         packed_later = collect(trainer.chunks, samples, trainer.opts, 4, None)
         if trainer.is_last_stage and trainer.ps.get_tensor_model_parallel_rank() == 0:
             keys = sorted(packed.teacher_logprobs)
@@ -230,7 +230,7 @@ def server_engine_rank(argv: list[str], out_path: str) -> None:
     trainer = Trainer(parse_config(argv))
     try:
         steps = [trainer.step(s) for s in range(trainer.cfg.train_iters)]
-        version = trainer.engine.weight_version if dist.get_rank() == 0 else None
+        version = trainer.services.engine.weight_version if dist.get_rank() == 0 else None
     finally:
         trainer.close()
     if dist.get_rank() == 0:
@@ -305,7 +305,7 @@ def ema_teacher_rank(argv: list[str], rate: float, out_path: str) -> None:
         root = ckpt.checkpoint_root(cfg.save)
         theta = [WeightSnapshot.load(trainer.chunks, os.path.join(root, ckpt.iter_name(s), "model")) for s in (1, 2)]
         # theta_0: the HF checkpoint the run started from, loaded afresh (the model is not used after)
-        load_hf_into_model(trainer.chunks, trainer.spec, load_hf_weights(trainer.hf_dir, trainer.spec))
+        load_hf_into_model(trainer.chunks, trainer.arch, load_hf_weights(trainer.hf_dir, trainer.arch))
         theta.insert(0, WeightSnapshot.of(trainer.chunks))
         worst, moved = 0.0, 0.0
         for t, a, b, c in zip(trainer.teacher.tensors, *(s.tensors for s in theta)):

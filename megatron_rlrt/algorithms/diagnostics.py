@@ -1,6 +1,8 @@
 """Diagnostics of the token-level credit (what to log to see RLRT working).
 
 All functions are detached and reduce over response tokens (mask True) only.
+``credit_metric_sums`` is what the trainer logs each step (as sums with their token counts,
+so ranks' shares add up to the mean over the whole batch); the others serve analyses.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_rlrt.algorithms.distillation import add_tail_bucket, renormalize, reverse_kl
-from megatron_rlrt.algorithms.methods import SUCCESS_THRESHOLD, get_method, is_correct
+from megatron_rlrt.algorithms.methods import SUCCESS_THRESHOLD, MethodSpec, get_method, is_correct
 from megatron_rlrt.algorithms.token_weights import information_asymmetry
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -117,4 +119,49 @@ def credit_diagnostics(
         out.update({f"credit/weight_{k}": v for k, v in weight_quantiles(weights, gated).items()})
         low, high = weight_clip_fractions(weights, gated, eps_w)
         out["credit/weight_clip_low"], out["credit/weight_clip_high"] = low, high
+    return out
+
+
+def credit_metric_sums(
+    method: MethodSpec,
+    seq_advantages: torch.Tensor,
+    token_advantages: torch.Tensor,
+    correct: torch.Tensor,
+    student_logprobs: Optional[torch.Tensor],
+    teacher_logprobs: Optional[torch.Tensor],
+    response_mask: torch.Tensor,
+    has_teacher: torch.Tensor,
+    eps_w: float,
+) -> dict[str, tuple[float, float]]:
+    """The step's credit metrics as {name: (sum over tokens, number of tokens)}.
+
+    rlrt/adv_abs_shift_mean (|A_t - A|) and rlrt/teacher_tokens_frac over all response tokens;
+    for a weighting method, over the tokens its weight applies to (rows with a teacher, and
+    correct ones for RLRT's reward gate): the clipped weight that enters eq. 7, the log of the
+    raw (heavy-tailed) weight, the clip fractions, and D_t = log P_S - log P_T (eq. 4).
+    """
+    mask = response_mask.bool()
+    n_tok = float(mask.sum())
+    shift = ((token_advantages - seq_advantages[:, None]).abs() * mask).sum().item()
+    out = {"rlrt/adv_abs_shift_mean": (shift, n_tok),
+           "rlrt/teacher_tokens_frac": (float((mask & has_teacher[:, None]).sum()), n_tok)}
+    if teacher_logprobs is None or method.token_weight is None:
+        return out
+    gate = has_teacher.clone()
+    if method.weight_on == "correct":
+        gate &= correct
+    wmask = mask & gate[:, None]
+    if not bool(wmask.any()):
+        return out
+    w = method.token_weight(seq_advantages[:, None], student_logprobs, teacher_logprobs)
+    n = float(wmask.sum())
+    low, high = w < 1 - eps_w, w > 1 + eps_w
+    out["rlrt/weight_mean"] = (w.clamp(1 - eps_w, 1 + eps_w)[wmask].sum().item(), n)
+    out["rlrt/log_weight_mean"] = (w.log()[wmask].sum().item(), n)
+    out["rlrt/clip_frac_low"] = (low[wmask].float().sum().item(), n)
+    out["rlrt/clip_frac_high"] = (high[wmask].float().sum().item(), n)
+    out["rlrt/clip_frac"] = ((low | high)[wmask].float().sum().item(), n)
+    d = information_asymmetry(student_logprobs, teacher_logprobs)
+    out["rlrt/d_positive_frac"] = ((d[wmask] > 0).float().sum().item(), n)
+    out["rlrt/d_mean"] = (d[wmask].sum().item(), n)
     return out

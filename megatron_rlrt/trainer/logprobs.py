@@ -38,6 +38,47 @@ class LogprobRequest:
     topk_ids: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ColumnLayout:
+    """Where each value sits in the [n, C] columns ``logprob_columns`` returns (the one place
+    that knows; every decode site reads through it):
+
+        [log p(target)] [entropy]? [K top-K log-probs]? [K top-K ids (as floats)]?
+
+    The ids are only returned when the request chose them (``topk`` > 0, ``topk_ids`` None).
+    """
+
+    with_entropy: bool = False
+    topk: int = 0
+    with_topk_ids: bool = False
+
+    @classmethod
+    def of(cls, req: LogprobRequest) -> "ColumnLayout":
+        return cls(req.with_entropy, req.topk, bool(req.topk) and req.topk_ids is None)
+
+    @property
+    def logprob(self) -> int:
+        return 0
+
+    @property
+    def entropy(self) -> int | None:
+        return 1 if self.with_entropy else None
+
+    @property
+    def topk_logprobs(self) -> slice:
+        start = 1 + int(self.with_entropy)
+        return slice(start, start + self.topk)
+
+    @property
+    def topk_ids(self) -> slice:
+        start = 1 + int(self.with_entropy) + self.topk
+        return slice(start, start + (self.topk if self.with_topk_ids else 0))
+
+    @property
+    def width(self) -> int:
+        return 1 + int(self.with_entropy) + self.topk * (1 + int(self.with_topk_ids))
+
+
 def _tp():
     from megatron.core import parallel_state as ps
 
@@ -93,8 +134,8 @@ def _gather_global_ids(logits: torch.Tensor, ids: torch.Tensor, tp_size: int, tp
 
 def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequest,
                     sequence_parallel: bool = False) -> torch.Tensor:
-    """[n, C] float32: column 0 log p(target); then entropy if asked; then K top-K log-probs
-    and, when the ids were not given, K ids (as floats, exact below 2^24) of the top-K.
+    """[n, C] float32 in ``ColumnLayout.of(req)``: log p(target); entropy if asked; K top-K
+    log-probs and, when the ids were not given, K ids (as floats, exact below 2^24) of the top-K.
 
     Without top-K (every RL method but distillation) this is the fused-linear op on every device:
     no [n, V/TP] logits exist in the no-grad pass nor in the training pass (its backward

@@ -1,7 +1,7 @@
 """Metrics: one dict per RL step -> <run>/metrics.jsonl, TensorBoard, optional wandb, console.
 
-Only rank 0 writes. ``reduce_to_rank0`` merges the per-rank pieces (e.g. loss terms that
-exist only on the last pipeline stage) as weighted means.
+Only rank 0 writes. ``reduce_to_rank0`` merges every rank's ``MetricSums`` (e.g. loss terms
+that exist only on the last pipeline stage) as weighted means.
 """
 
 from __future__ import annotations
@@ -15,29 +15,50 @@ from typing import Iterator
 import torch.distributed as dist
 
 
-def reduce_to_rank0(pieces: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """{name: (value_sum, weight)} from every rank -> {name: sum / weight} on rank 0 ({} elsewhere).
+class MetricSums:
+    """Metrics as {name: (value sum, weight)}, mergeable across micro-batches and ranks; the
+    one type the update, the loss and the rank-0 reduction share.
 
-    Metrics named ``*_max`` are reduced with max, ``*_total`` with a plain sum.
+    A name ending in ``_max`` keeps the maximum (weight 1), ``_total`` a plain sum (weight 1);
+    any other is a weighted mean, ``sum of values / sum of weights``.
     """
+
+    def __init__(self, sums: dict[str, tuple[float, float]] | None = None):
+        self.sums: dict[str, tuple[float, float]] = {}
+        for name, (value, weight) in (sums or {}).items():
+            self.add(name, value, weight)
+
+    def add(self, name: str, value: float, weight: float = 1.0) -> None:
+        if name.endswith("_max"):
+            self.sums[name] = (max(self.sums.get(name, (-math.inf, 1.0))[0], value), 1.0)
+        elif name.endswith("_total"):
+            self.sums[name] = (self.sums.get(name, (0.0, 1.0))[0] + value, 1.0)
+        else:
+            total, weights = self.sums.get(name, (0.0, 0.0))
+            self.sums[name] = (total + value, weights + weight)
+
+    def merge(self, other: "MetricSums") -> "MetricSums":
+        for name, (value, weight) in other.sums.items():
+            self.add(name, value, weight)
+        return self
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / w if w else float("nan")) for k, (v, w) in self.sums.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+
+def reduce_to_rank0(sums: MetricSums) -> dict[str, float]:
+    """Every rank's ``MetricSums`` merged (in rank order) -> {name: value} on rank 0, {} elsewhere."""
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(pieces, gathered, dst=0)
+    dist.gather_object(sums.sums, gathered, dst=0)
     if dist.get_rank() != 0:
         return {}
-    totals: dict[str, list[float]] = {}
+    total = MetricSums()
     for part in gathered:
-        for name, (value, weight) in part.items():
-            acc = totals.setdefault(name, [-math.inf, 0.0] if name.endswith("_max") else [0.0, 0.0])
-            if name.endswith("_max"):
-                acc[0] = max(acc[0], value)
-                acc[1] = 1.0
-            elif name.endswith("_total"):
-                acc[0] += value
-                acc[1] = 1.0
-            else:
-                acc[0] += value
-                acc[1] += weight
-    return {k: (v / w if w else float("nan")) for k, (v, w) in totals.items()}
+        total.merge(MetricSums(part))
+    return total.means()
 
 
 class MetricsWriter:

@@ -29,14 +29,17 @@ read whole rows, and nothing downstream needs to know about CP).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs, zigzag_index
-from megatron_rlrt.trainer.logprobs import LogprobRequest, logprob_columns
+from megatron_rlrt.trainer.logprobs import ColumnLayout, LogprobRequest, logprob_columns
 from megatron_rlrt.trainer.rollout_batch import Sample
+
+if TYPE_CHECKING:
+    from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
 
 
 @dataclass
@@ -182,16 +185,16 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
     cols = logprob_columns(selected, weight, req, config.sequence_parallel)
     if context.teacher_src is not None:
         # teacher rows are scored at the top-K ids of the matching student position
-        k = req.topk
+        layout = ColumnLayout.of(req)
         is_teacher = context.teacher_src >= 0
-        ids = cols[:, -k:].long()
+        ids = cols[:, layout.topk_ids].long()
         t_ids = ids[context.teacher_src[is_teacher]]
         t_req = LogprobRequest(req.positions[is_teacher], req.targets[is_teacher], req.temperature,
-                               req.with_entropy, k, t_ids)
+                               req.with_entropy, req.topk, t_ids)
         t_cols = logprob_columns(selected[is_teacher], weight, t_req, config.sequence_parallel)
         cols = cols.clone()
         cols[is_teacher, : t_cols.shape[1]] = t_cols
-        cols[is_teacher, -k:] = t_ids.float()
+        cols[is_teacher, layout.topk_ids] = t_ids.float()
     if context.cp is not None:
         cols = gather_columns_over_cp(cols, context.cp)
     return cols
@@ -308,7 +311,7 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
            plan_microbatches(samples, True, micro_batch_size, max_tokens, _cp()[0])]
     out = Collected({}, {}, {}, {}, student_topk_logprobs={} if topk_ids is not None else None)
     k = opts.topk
-    col_topk = 1 + int(opts.with_entropy)
+    layout = ColumnLayout(opts.with_entropy, k, with_topk_ids=bool(k) and topk_ids is None)
 
     def store(mb: MicroBatch, cols: torch.Tensor):
         full = cols.new_zeros((mb.packed.num_tokens, cols.shape[1]))
@@ -320,20 +323,69 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
                 n = int(mask[row].sum())
                 v = values[row, :n].float().cpu()
                 if role == "student":
-                    out.student_logprobs[sample] = v[:, 0]
+                    out.student_logprobs[sample] = v[:, layout.logprob]
                     if k and topk_ids is not None:
-                        out.student_topk_logprobs[sample] = v[:, col_topk : col_topk + k]
+                        out.student_topk_logprobs[sample] = v[:, layout.topk_logprobs]
                     elif k:
-                        out.student_topk_ids[sample] = v[:, col_topk + k : col_topk + 2 * k].long()
+                        out.student_topk_ids[sample] = v[:, layout.topk_ids].long()
                 else:
-                    out.teacher_logprobs[sample] = v[:, 0]
+                    out.teacher_logprobs[sample] = v[:, layout.logprob]
                     if k:
-                        out.teacher_topk_logprobs[sample] = v[:, col_topk : col_topk + k]
+                        out.teacher_topk_logprobs[sample] = v[:, layout.topk_logprobs]
         return torch.zeros((), device=cols.device), {}
 
     with torch.no_grad():
         run_pipeline(chunks, mbs, opts, store, forward_only=True)
     return out
+
+
+def score_rollouts(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_size: int,
+                   max_tokens: int | None, teacher: WeightSnapshot | None,
+                   reference: WeightSnapshot | None) -> Collected:
+    """Old-policy and teacher log-probs of a step's samples (ONE packed pass when the teacher
+    is the current policy, ``teacher`` None), then the reference policy's log-probs of the
+    student rows when the KL term is on (``reference``)."""
+    log_probs_only = replace(opts, topk=0, with_entropy=False)
+    students = [replace(s, teacher_prompt_ids=None) for s in samples]
+
+    def run(rows, run_opts, weights=None, topk_ids=None):
+        if weights is None:
+            return collect(chunks, rows, run_opts, micro_batch_size, max_tokens, topk_ids)
+        with weights.swapped_in(chunks):
+            return collect(chunks, rows, run_opts, micro_batch_size, max_tokens, topk_ids)
+
+    def with_reference(out: Collected) -> Collected:
+        if reference is not None:
+            out.ref_logprobs = run(students, log_probs_only, reference).student_logprobs
+        return out
+
+    if teacher is None:  # the current-policy teacher shares the old-policy pass (eq. 1)
+        return with_reference(run(samples, opts))
+    out = run(students, opts)
+    distill = bool(opts.topk)
+    if teacher is reference and not distill:  # both the starting weights: one pass for both
+        both = run(samples, log_probs_only, reference)
+        out.teacher_logprobs, out.ref_logprobs = both.teacher_logprobs, both.student_logprobs
+        return out
+    teachers = [replace(s, prompt_ids=s.teacher_prompt_ids, teacher_prompt_ids=None) for s in samples if s.has_teacher]
+    if teachers and distill:  # the teacher is scored at the policy's top-K ids of each position
+        ids = stage_topk_ids(teachers, lambda i: out.student_topk_ids[i], opts.topk)
+        res = run(teachers, replace(opts, with_entropy=False), teacher, ids)
+        out.teacher_logprobs, out.teacher_topk_logprobs = res.student_logprobs, res.student_topk_logprobs
+    elif teachers:
+        out.teacher_logprobs = run(teachers, log_probs_only, teacher).student_logprobs
+    return with_reference(out)
+
+
+def stage_topk_ids(samples: Sequence[Sample], ids_of: Callable[[int], torch.Tensor], topk: int
+                   ) -> dict[int, torch.Tensor]:
+    """The top-K ids a pass scores at: ``ids_of(sample index)`` on the last pipeline stage
+    (the only one that has and reads them), same-shaped zeros on the others."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        return {s.index: ids_of(s.index) for s in samples}
+    return {s.index: torch.zeros(len(s.response_ids), topk, dtype=torch.long) for s in samples}
 
 
 # --- train: forward + backward of one optimizer mini-batch -----------------------------------

@@ -119,7 +119,7 @@ def check_rl_steps(tmp: str):
     trainer = Trainer(cfg)
     try:
         steps = [trainer.step(s) for s in range(2)]
-        version = trainer.engine.weight_version
+        version = trainer.services.engine.weight_version
     finally:
         trainer.close()
     parallel.destroy()

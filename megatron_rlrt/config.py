@@ -20,11 +20,54 @@ from typing import Any, Optional
 
 import yaml
 
-METHOD_NAMES = ("grpo", "grpo_eb", "rlrt", "rlrt_all", "rlsd", "sdpo", "srpo", "opsd")
 
 
-def _f(default, help: str, choices=None, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def _f(default, help: str, choices=None, flag: str | None = None, registry: str | None = None):
+    """A config field; ``registry`` names the registry its value must be in (checked by
+    ``validate``, listed by --help), so plug-ins registered by --plugins are valid values."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "registry": registry})
+
+
+def registered_names(registry: str) -> list[str]:
+    """The names in one of the registries (methods, engines, rewards, advantages)."""
+    if registry == "methods":
+        from megatron_rlrt.algorithms.methods import METHODS
+
+        return sorted(METHODS)
+    if registry == "engines":
+        from megatron_rlrt.rollout.registry import ENGINES
+
+        return sorted(ENGINES)
+    if registry == "rewards":
+        from megatron_rlrt.reward import list_rewards
+
+        return list(list_rewards())
+    raise KeyError(registry)
+
+
+def import_plugins(spec: str | None) -> None:
+    """Import the comma-separated modules (dotted names or .py paths) of --plugins: each may
+    call register_method / register_advantage / register_engine / register_reward."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        try:
+            if item.endswith(".py"):
+                name = "megatron_rlrt_plugin_" + os.path.splitext(os.path.basename(item))[0]
+                if name in sys.modules:
+                    continue
+                module_spec = importlib.util.spec_from_file_location(name, item)
+                if module_spec is None or not os.path.isfile(item):
+                    raise FileNotFoundError(f"no such file: {item}")
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(item)
+        except Exception as exc:
+            raise ConfigError(f"--plugins {item}: could not import it ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass
@@ -113,7 +156,7 @@ class Config:
                                                 "batch, i.e. one on-policy update per RL step)")
 
     # ---- rollout ------------------------------------------------------------------------------
-    rollout_engine: str = _f("hf", "rollout engine by name", choices=("hf", "sglang", "vllm"))
+    rollout_engine: str = _f("hf", "rollout engine by name (rollout/registry.py ENGINES)", registry="engines")
     rollout_batch_size: int = _f(8, "prompts per RL step")
     n_samples_per_prompt: int = _f(8, "rollouts per prompt (GRPO group size K)")
     rollout_max_response_len: int = _f(1024, "maximum response tokens")
@@ -144,7 +187,8 @@ class Config:
                                                  "checkpoint of the same model, e.g. Qwen/Qwen3-8B-FP8")
 
     # ---- algorithm ---------------------------------------------------------------------------
-    advantage_estimator: str = _f("rlrt", "training method (rlrt: reversed-teacher token weights on correct rollouts, eq. 6-7)", choices=METHOD_NAMES)
+    advantage_estimator: str = _f("rlrt", "training method by name (algorithms/methods.py METHODS; rlrt: "
+                                          "reversed-teacher token weights on correct rollouts, eq. 6-7)", registry="methods")
     std_normalize: Optional[bool] = _f(None, "divide group advantages by the group std (default per method: on "
                                              "for rlrt/rlrt_all/rlsd, off otherwise, as Table 5)")
     dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal (DAPO); they carry no signal")
@@ -170,7 +214,8 @@ class Config:
     loss_agg_mode: str = _f("token-mean", "how per-token losses are averaged",
                             choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
     tis_clip: float = _f(2.0, "truncated importance-sampling cap between rollout and trainer log-probs (0: off)")
-    entropy_coef: float = _f(0.0, "entropy bonus coefficient (grpo_eb defaults to 0.001)")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient (methods with an entropy bonus, grpo_eb, default "
+                                  "to 0.001)")
     kl_coef: float = _f(0.0, "reference-KL coefficient; > 0 keeps the reference policy (the starting weights, or "
                              "--ref-load) in host memory and adds one no-grad pass over the student rows per step")
     kl_type: str = _f("k3", "estimator of the reference KL term", choices=("k1", "k3"))
@@ -185,7 +230,12 @@ class Config:
 
     # ---- reward and data -------------------------------------------------------------------
     reward: str = _f("auto", "verifier by name: math (math-verify), reasoning_gym, auto (per row's 'verifier' "
-                             "column), or any name registered with megatron_rlrt.reward.register_reward")
+                             "column), or any name registered with megatron_rlrt.reward.register_reward",
+                     registry="rewards")
+    plugins: Optional[str] = _f(None, "comma-separated Python modules or .py files imported before the config is "
+                                      "checked; they register methods, advantage estimators, rollout engines or "
+                                      "verifiers (algorithms.register_method/register_advantage, "
+                                      "rollout.registry.register_engine, reward.register_reward)")
     reward_timeout: float = _f(10.0, "hard per-item scoring timeout in seconds (the item scores 0)")
     reward_workers: Optional[int] = _f(None, "scoring processes (default: min(8, cpus))")
     prompt_data: Optional[str] = _f(None, "training prompts (.jsonl / .parquet; DAPO-Math-17k, MATH and our own "
@@ -266,8 +316,17 @@ class Config:
                      "rollout_batch_size", "n_samples_per_prompt", "micro_batch_size", "rollout_max_response_len",
                      "train_iters", "max_tokens_per_gpu"):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
+        for f in dataclasses.fields(self):
+            registry, value = f.metadata.get("registry"), getattr(self, f.name)
+            if registry and value not in registered_names(registry):
+                problems.append(f"--{_flag(f.name)} {value!r}: not a registered name; registered {registry}: "
+                                f"{registered_names(registry)} (a plug-in module registers more: --plugins)")
+        from megatron_rlrt.algorithms.methods import METHODS
+
+        method = METHODS.get(self.advantage_estimator)
+        # pure distillation methods train no advantage, so a single sample per prompt is fine
         need(self.n_samples_per_prompt < 1 or self.n_samples_per_prompt >= 2
-             or self.advantage_estimator in ("sdpo", "opsd"),
+             or (method is not None and method.loss == "distill"),
              f"--n-samples-per-prompt {self.n_samples_per_prompt}: group advantages need at least 2 samples per prompt")
         for name in ("log_interval", "eval_n_samples", "keep_last_n_checkpoints", "rollout_batch_size_per_forward",
                      "rollout_num_gpus_per_engine", "update_weight_buffer_size"):
@@ -311,10 +370,7 @@ class Config:
         need(self.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
         need(self.rollout_temperature > 0, "--rollout-temperature must be > 0")
         need(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-        from megatron_rlrt.algorithms import get_method
-
-        need(self.context_parallel_size == 1 or self.advantage_estimator not in METHOD_NAMES
-             or not get_method(self.advantage_estimator).uses_distillation,
+        need(self.context_parallel_size == 1 or method is None or not method.uses_distillation,
              f"--context-parallel-size > 1 with --advantage-estimator {self.advantage_estimator}: top-K "
              "distillation is not split over context-parallel ranks yet (see README limitations)")
         need(self.log_probs_max_tokens_per_gpu is None or self.log_probs_max_tokens_per_gpu >= 1,
@@ -323,9 +379,6 @@ class Config:
         need(self.recompute_granularity == "full" or (self.recompute_method is None and self.recompute_num_layers is None),
              "--recompute-method / --recompute-num-layers need --recompute-granularity full")
         need(self.recompute_num_layers is None or self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
-        from megatron_rlrt.reward import list_rewards
-
-        need(self.reward in list_rewards(), f"--reward {self.reward!r}: unknown verifier; known: {list_rewards()}")
         need(self.kl_coef >= 0, f"--kl-coef {self.kl_coef} must be >= 0")
         need(self.ref_load is None or self.kl_coef > 0,
              f"--ref-load {self.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")
@@ -440,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
+        if meta.get("registry"):  # not argparse choices: a --plugins module may register more names
+            kwargs["help"] = f"{meta['help']}; registered: {', '.join(registered_names(meta['registry']))} " \
+                             f"[default: {shown}]"
         p.add_argument(flag, type=typ, metavar=typ.__name__.upper(), **kwargs)
     return p
 
@@ -492,7 +548,10 @@ def parse_config(argv=None) -> Config:
     if args.get("config"):
         values.update(load_recipe(args["config"]))
     values.update(args)
-    # grpo_eb: the entropy bonus is the method
-    if values.get("advantage_estimator") == "grpo_eb" and "entropy_coef" not in args:
-        values.setdefault("entropy_coef", 0.001)
+    import_plugins(values.get("plugins"))
+    from megatron_rlrt.algorithms.methods import ENTROPY_BONUS_COEF, METHODS
+
+    method = METHODS.get(values.get("advantage_estimator", Config.advantage_estimator))
+    if method is not None and method.entropy_bonus:  # e.g. grpo_eb: the entropy bonus is the method
+        values.setdefault("entropy_coef", ENTROPY_BONUS_COEF)
     return Config(**values)

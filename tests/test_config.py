@@ -52,12 +52,38 @@ def test_recipe_errors_name_the_file_and_key(tmp_path):
     bad.write_text("rlrt-lamda: 0.5\n")
     with pytest.raises(ConfigError, match="unknown option 'rlrt-lamda'"):
         load_recipe(str(bad))
-    bad.write_text("advantage-estimator: ppo\n")
+    bad.write_text("kl-type: k2\n")
     with pytest.raises(ConfigError, match="expected one of"):
         load_recipe(str(bad))
     bad.write_text("lr: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(str(bad))
+
+
+def test_registry_names_are_checked_against_the_registries(tiny_model, tmp_path):
+    """Method, engine and verifier names come from METHODS / ENGINES / the reward registry,
+    not from argparse choices: an unknown name is a validation error listing the registered ones."""
+    from megatron_rlrt.algorithms import METHODS
+    from megatron_rlrt.rollout.registry import ENGINES
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    cfg = parse_config(["--hf-checkpoint", tiny_model, "--prompt-data", str(data), "--advantage-estimator", "ppo",
+                        "--rollout-engine", "tgi", "--reward", "nope"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    assert f"--advantage-estimator 'ppo': not a registered name; registered methods: {sorted(METHODS)}" in text
+    assert f"--rollout-engine 'tgi': not a registered name; registered engines: {sorted(ENGINES)}" in text
+    assert "--reward 'nope': not a registered name" in text
+    assert all(m in build_parser().format_help() for m in METHODS)  # --help lists the registered methods
+
+
+def test_plugins_flag_errors_name_the_module(tmp_path):
+    with pytest.raises(ConfigError, match="--plugins no_such_plugin_module: could not import it"):
+        parse_config(["--plugins", "no_such_plugin_module"])
+    with pytest.raises(ConfigError, match="--plugins .*missing.py: could not import it"):
+        parse_config(["--plugins", str(tmp_path / "missing.py")])
 
 
 def test_invalid_combinations_name_their_flags(tiny_model, tmp_path):

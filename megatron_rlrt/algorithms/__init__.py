@@ -3,7 +3,15 @@
 Nothing here is distributed; ``megatron_rlrt.packing`` builds the packed batches they read.
 """
 
-from megatron_rlrt.algorithms.advantages import GroupStats, group_advantages
+from megatron_rlrt.algorithms.advantages import (
+    ADVANTAGES,
+    GroupStats,
+    get_advantage,
+    group_advantages,
+    group_stats,
+    grouped_rewards,
+    register_advantage,
+)
 from megatron_rlrt.algorithms.diagnostics import (
     credit_diagnostics,
     mean_abs_advantage_shift,
@@ -59,6 +67,11 @@ from megatron_rlrt.algorithms.token_weights import (
 )
 
 __all__ = [
+    "ADVANTAGES",
+    "get_advantage",
+    "group_stats",
+    "grouped_rewards",
+    "register_advantage",
     "add_tail_bucket",
     "aggregate_loss",
     "build_teacher_views",

@@ -1,8 +1,11 @@
 """The algorithms by name: one ``MethodSpec`` per method, in one registry.
 
-A method is GRPO plus (i) a per-token weight on the advantage and the rollouts it applies to,
-(ii) which rollouts get a teacher view, and (iii) which loss each rollout trains with
-(paper Appendix G.1, Table 4). Adding a method is one ``register_method(MethodSpec(...))``.
+A method is a sequence advantage (``ADVANTAGES``, GRPO's by default) plus (i) a per-token
+weight on the advantage and the rollouts it applies to, (ii) which rollouts get a teacher
+view, and (iii) which loss each rollout trains with (paper Appendix G.1, Table 4). Adding a
+method is one ``register_method(MethodSpec(...))`` in a module of its own; pass that module
+to the trainer with ``--plugins`` (see docs/architecture.md). Nothing outside this registry
+checks a method's name: the trainer, the config and the tests read its spec.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from megatron_rlrt.algorithms.advantages import ADVANTAGES
 from megatron_rlrt.algorithms.token_weights import rlrt_weight, rlsd_weight
 
 # r = 1 means reward >= SUCCESS_THRESHOLD: works for {0, 1} and {-1, 1} rewards alike.
 SUCCESS_THRESHOLD = 0.5
+# --entropy-coef of a method with ``entropy_bonus`` when the flag is not given (GRPO+EB)
+ENTROPY_BONUS_COEF = 0.001
 
 TokenWeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,7 +42,8 @@ class MethodSpec:
     context: default privileged context c: "none", "peer" (a successful rollout of the same
         prompt), "reference_answer", "reference_solution".
     std_normalize: default advantage std normalisation (Table 5).
-    entropy_bonus: the entropy term of GRPO+EB is on by default.
+    entropy_bonus: the entropy term is on by default (--entropy-coef ENTROPY_BONUS_COEF; GRPO+EB).
+    advantage: the sequence-level advantage estimator, a name in ``ADVANTAGES``.
     """
 
     name: str
@@ -48,6 +55,7 @@ class MethodSpec:
     context: Literal["none", "peer", "reference_answer", "reference_solution"] = "none"
     std_normalize: bool = False
     entropy_bonus: bool = False
+    advantage: str = "grpo"
 
     @property
     def needs_teacher(self) -> bool:
@@ -62,6 +70,9 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.advantage not in ADVANTAGES:
+        raise ValueError(f"method {spec.name!r}: unknown advantage estimator {spec.advantage!r}; registered: "
+                         f"{sorted(ADVANTAGES)} (register it with algorithms.register_advantage first)")
     METHODS[spec.name] = spec
     return spec
 
@@ -85,7 +96,7 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}") from None
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}") from None
 
 
 def is_correct(rewards: torch.Tensor, threshold: float = SUCCESS_THRESHOLD) -> torch.Tensor:

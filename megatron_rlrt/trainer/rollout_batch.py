@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from megatron_rlrt.algorithms import MethodSpec, build_teacher_views, group_advantages
+from megatron_rlrt.algorithms import MethodSpec, build_teacher_views, get_advantage
 from megatron_rlrt.config import Config
 from megatron_rlrt.rollout.base import RolloutError
 from megatron_rlrt.trainer.metrics import phase
@@ -91,8 +91,9 @@ def padded(values: Sequence[Sequence[float] | torch.Tensor], width: int, dtype=t
 
 
 def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSpec, step: int) -> RolloutBatch:
-    """Rank 0: prompts -> K rollouts each -> verifier rewards -> group advantages -> teacher
-    prompts (methods with a teacher) -> the step's samples and their statistics."""
+    """Rank 0: prompts -> K rollouts each -> verifier rewards -> sequence advantages (the
+    method's estimator, GRPO's group advantage by default) -> teacher prompts (methods with a
+    teacher) -> the step's samples and their statistics."""
     k = cfg.n_samples_per_prompt
     prompts = services.loader.next_batch(cfg.rollout_batch_size)
     t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
     correct = torch.tensor(scored.correct, dtype=torch.bool)
     # r in {0, 1} as in the paper (a verifier's partial credit only enters the statistics)
     rewards = correct.float()
-    adv, stats = group_advantages(rewards, k, cfg.resolved_std_normalize())
+    adv, stats = get_advantage(method.advantage)(rewards, k, cfg.resolved_std_normalize())
     teacher_ids: list = [None] * len(flat)
     tstats = None
     if method.needs_teacher:

@@ -81,6 +81,9 @@ def test_rl_loss_of_a_packed_microbatch_equals_the_algorithm_functions(method):
     """rl_loss reads the packed columns through the layout and returns what policy_token_loss /
     distillation_token_loss / total_loss give on the same per-sample tensors (padded by hand)."""
     from megatron_rlrt.algorithms import PolicyLossConfig, distillation_token_loss
+    from megatron_rlrt.platform import setup_megatron
+
+    setup_megatron()  # megatron-core imports (parallel_state) need the CPU adaptation first
     from megatron_rlrt.trainer.loss import RLLossConfig, SampleInputs, rl_loss
     from megatron_rlrt.trainer.model_step import StepOptions, build_microbatch, plan_microbatches
 

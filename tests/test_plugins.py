@@ -59,7 +59,8 @@ def test_the_batch_builder_uses_the_methods_registered_estimator(rloo):
         loader=types.SimpleNamespace(next_batch=lambda n: [prompt(g) for g in range(n)], epoch=0),
         engine=types.SimpleNamespace(generate=lambda ids, k, params: [[rollout(g * k + j) for j in range(k)]
                                                                        for g in range(len(ids))]),
-        sampling=lambda seed=None: None, tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: str(ids)),
+        sampling=lambda seed=None: None, release_engine=lambda: None,
+        tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: str(ids)),
         reward=types.SimpleNamespace(score=lambda texts, prompts: Scored(len(texts))))
     cfg = parse_config(["--rollout-batch-size", "2", "--n-samples-per-prompt", "4", "--no-progress", "--no-std-normalize"])
     rewards = torch.tensor([float(c) for c in correct])

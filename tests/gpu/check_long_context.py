@@ -11,7 +11,8 @@ spec (megatron_rlrt's PackedCoreAttention, torch SDPA per row) on the same GPU:
     score matrix would be 16x);
   * time of both forwards.
 Without a GPU or Transformer Engine it records "not run" and exits 0. Writes
-check_long_context.json to --out (default $OUT or tests/gpu/results/). Exit 1 if a check fails.
+check_long_context.json to --out (default $OUT or tests/gpu/results/; with --stdout-only, as in
+run_all.sh, only to stdout). Exit 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def run(tokens_total: int, out_dir: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "tests", "gpu", "results")))
-    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--tokens", type=int, default=32768, help="packed tokens of the long forward")
+    ap.add_argument("--stdout-only", action="store_true", help="print the JSON only (run_all.sh: the device "
+                    "tool returns at most 8 files, and gpu_run.log holds this output)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -106,6 +109,8 @@ def main() -> int:
         res, rc = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc()[-3000:]}, 1
     print(json.dumps(res, indent=1, default=str))
+    if args.stdout_only:
+        return rc
     with open(os.path.join(args.out, "check_long_context.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     return rc

@@ -39,6 +39,6 @@ step check_ops "${OPS_S:-240}" python3 tests/gpu/check_ops.py --out "$OUT"
 step check_megatron "${MEGATRON_S:-150}" python3 tests/gpu/check_megatron.py --out "$OUT"
 step check_sglang "${SGLANG_S:-100}" python3 tests/gpu/check_sglang.py --output "$OUT/check_sglang.json"
 step check_fp8 "${FP8_S:-240}" python3 tests/gpu/check_fp8.py --out "$OUT"  # "not run" records without TE
-step check_long_context "${LONG_S:-150}" python3 tests/gpu/check_long_context.py --out "$OUT"  # "not run" without TE
+step check_long_context "${LONG_S:-150}" python3 tests/gpu/check_long_context.py --stdout-only  # result in gpu_run.log; "not run" without TE
 step check_weight_ipc "${IPC_S:-60}" env OUT="$OUT" python3 tests/gpu/check_weight_ipc.py  # torch only
 exit $rc

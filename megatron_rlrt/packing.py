@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -88,37 +88,6 @@ class PackedBatch:
     def gather_teacher(self, per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B_t, T, ...], mask [B_t, T]) response-token values of the teacher rows, 0-padded."""
         return _gather(per_position, self.teacher_index, self.teacher_mask, self.num_tokens)
-
-    def gather_teacher_for_students(self, per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, T, ...], has_teacher [B]): teacher values aligned with this pack's student rows;
-        a student whose teacher row is not in this pack gets zeros and has_teacher False."""
-        values, _ = self.gather_teacher(per_position)
-        out = values.new_zeros((self.student_index.shape[0],) + tuple(values.shape[1:]))
-        has_teacher = torch.zeros(self.student_index.shape[0], dtype=torch.bool, device=values.device)
-        where = {int(s): i for i, s in enumerate(self.student_sample_index.tolist())}
-        for t_row, sample in enumerate(self.teacher_sample_index.tolist()):
-            if sample in where:
-                out[where[sample]] = values[t_row]
-                has_teacher[where[sample]] = True
-        return out, has_teacher
-
-
-def batch_rows(
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    teacher_prompt_ids: Optional[Sequence[Optional[Sequence[int]]]] = None,
-) -> list[PackRow]:
-    """Student row i = prompt_ids[i] + response_ids[i]; teacher row i (where a teacher prompt
-    exists) = teacher_prompt_ids[i] + the same response_ids[i]."""
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts for {len(response_ids)} responses")
-    rows = [PackRow(list(p), list(r), "student", i) for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
-    if teacher_prompt_ids is not None:
-        if len(teacher_prompt_ids) != len(response_ids):
-            raise ValueError(f"{len(teacher_prompt_ids)} teacher prompts for {len(response_ids)} responses")
-        rows += [PackRow(list(t), list(response_ids[i]), "teacher", i)
-                 for i, t in enumerate(teacher_prompt_ids) if t is not None]
-    return rows
 
 
 def pad_multiple(*factors: int) -> int:
@@ -232,14 +201,6 @@ def plan_packs(rows: Sequence[PackRow], max_tokens_per_pack: int, num_ranks: int
             items += [unit] if fits else [[i] for i in unit]
         plan.append(_first_fit_decreasing(items, [sum(len(rows[i]) for i in it) for it in items], max_tokens_per_pack))
     return plan
-
-
-def pack_for_ranks(
-    rows: Sequence[PackRow], max_tokens_per_pack: int, num_ranks: int = 1, pad_to_multiple_of: int = 1
-) -> list[list[PackedBatch]]:
-    """``plan_packs`` then ``pack_rows``: packs[rank][i] is a PackedBatch."""
-    plan = plan_packs(rows, max_tokens_per_pack, num_ranks)
-    return [[pack_rows([rows[i] for i in pack], pad_to_multiple_of) for pack in rank] for rank in plan]
 
 
 def zigzag_chunks(length: int, cp_size: int, cp_rank: int) -> list[tuple[int, int]]:

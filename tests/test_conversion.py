@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from megatron_rlrt.convert import compare, hf_to_megatron, megatron_to_hf
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rlrt.algorithms import (
+from megatron_rlrt.algorithms import token_advantages
+from megatron_rlrt.algorithms.diagnostics import (
     credit_diagnostics,
     mean_abs_advantage_shift,
     position_asymmetry,
     positive_asymmetry_fraction,
     teacher_coverage,
-    token_advantages,
     weight_clip_fractions,
     weight_quantiles,
 )

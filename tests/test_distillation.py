@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rlrt.algorithms import add_tail_bucket, distillation_token_loss, topk_entropy
+from megatron_rlrt.algorithms import distillation_token_loss
+from megatron_rlrt.algorithms.distillation import add_tail_bucket, topk_entropy
 
 LN = math.log
 
@@ -95,6 +96,6 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="shapes differ"):
         distillation_token_loss(s, torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="alpha"):
-        from megatron_rlrt.algorithms import generalized_jsd
+        from megatron_rlrt.algorithms.distillation import generalized_jsd
 
         generalized_jsd(s, s, alpha=1.5)

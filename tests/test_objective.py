@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from megatron_rlrt.algorithms import distill_rows, loss_token_mask, total_loss
+from megatron_rlrt.algorithms import loss_token_mask, total_loss
+from megatron_rlrt.algorithms.objective import distill_rows
 
 # 4 rollouts x 2 tokens; rewards [1, 0, 0, 1]; teacher views for rows 0, 1, 2 (not 3)
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0])

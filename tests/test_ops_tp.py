@@ -10,6 +10,8 @@ from megatron_rlrt import parallel
 from megatron_rlrt.ops import build
 from tests.dist_helpers_ops import cpp_backend, cuda_emu_backend, tp_logprobs_rank
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 
 @pytest.fixture(scope="module")
 def built():

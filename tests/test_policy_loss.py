@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from megatron_rlrt.algorithms import PolicyLossConfig, aggregate_loss, kl_penalty, policy_loss
+from megatron_rlrt.algorithms import PolicyLossConfig
+from megatron_rlrt.algorithms.policy_loss import aggregate_loss, kl_penalty, policy_loss
 
 LN = math.log
 

@@ -7,6 +7,8 @@ import pytest
 from megatron_rlrt import parallel
 from tests.dist_helpers import hf_parity_rank
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 

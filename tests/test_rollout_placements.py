@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from megatron_rlrt import parallel
 from tests.fleet_helpers import fleet_rank
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
 

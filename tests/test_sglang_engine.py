@@ -20,6 +20,8 @@ from megatron_rlrt.rollout.base import RolloutError, SamplingParams, iter_weight
 from megatron_rlrt.rollout.launch import find_free_port
 from megatron_rlrt.rollout.sglang_engine import SGLangEngine
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 _NEXT_PORT = [31500]
 

@@ -1,12 +1,9 @@
 import pytest
 import torch
 
-from megatron_rlrt.algorithms import (
-    TeacherConfig,
-    TeacherWeights,
-    build_teacher_views,
+from megatron_rlrt.algorithms import TeacherConfig, build_teacher_views
+from megatron_rlrt.algorithms.teacher import (
     choose_peers,
-    ema_update_,
     fit_teacher_prompt,
     render_teacher_prompt,
     select_teacher_rows,
@@ -153,16 +150,8 @@ def test_build_teacher_views_with_reference_and_overlong_drop(tok):
         build_teacher_views("opsd", tok, ["Q"], ["a", "b", "c", "d"], rewards, 4, TeacherConfig(), True)
 
 
-def test_teacher_config_and_ema():
-    assert TeacherConfig().weights is TeacherWeights.CURRENT
-    assert TeacherConfig(weights="ema").weights is TeacherWeights.EMA
-    with pytest.raises(ValueError):
-        TeacherConfig(weights="newest")
+def test_teacher_config_errors():
     with pytest.raises(ValueError, match="peer_choice"):
         TeacherConfig(peer_choice="best")
-    teacher = {"w": torch.zeros(2), "step": torch.tensor(1)}
-    student = {"w": torch.full((2,), 8.0), "step": torch.tensor(5)}
-    ema_update_(teacher, student, rate=0.25)  # 0.75 * 0 + 0.25 * 8
-    assert teacher["w"].tolist() == [2.0, 2.0] and teacher["step"].item() == 5
-    with pytest.raises(ValueError, match="different keys"):
-        ema_update_(teacher, {"v": torch.zeros(2)}, 0.1)
+    with pytest.raises(ValueError, match="teacher context"):
+        TeacherConfig(context="oracle")

@@ -5,8 +5,6 @@ import torch
 
 from megatron_rlrt.algorithms import (
     METHODS,
-    ConstantSchedule,
-    LinearDecaySchedule,
     get_method,
     group_advantages,
     make_lambda_schedule,
@@ -14,6 +12,7 @@ from megatron_rlrt.algorithms import (
     rlsd_weight,
     token_advantages,
 )
+from megatron_rlrt.algorithms.schedules import ConstantSchedule, LinearDecaySchedule
 
 LN = math.log
 

@@ -9,6 +9,8 @@ from megatron_rlrt import parallel
 from megatron_rlrt.algorithms import METHODS as REGISTRY
 from tests.trainer_helpers import methods_rank
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 # every registered method (read at collection, before any test registers a plug-in)
 METHODS = sorted(REGISTRY)
 

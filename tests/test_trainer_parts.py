@@ -8,6 +8,8 @@ from megatron_rlrt import parallel
 from tests.test_trainer_e2e import _base
 from tests.trainer_helpers import teacher_logprobs_rank, weight_sync_rank
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
                          ids=["tp2", "pp2"])

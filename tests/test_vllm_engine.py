@@ -21,6 +21,8 @@ import pytest
 
 from megatron_rlrt.rollout.base import RolloutError, RolloutSample, SamplingParams
 
+pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16_TOL = 0.05  # |log p| differences between bf16 server kernels and the fp32 trainer forward
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -26,16 +25,6 @@ CONTEXT_SOURCES = ("peer", "reference_solution", "reference_answer")
 Prompt = Union[str, Sequence[Mapping[str, Any]]]  # user text, or chat messages (last user turn is templated)
 
 
-class TeacherWeights(str, Enum):
-    """Which weights score the teacher view: the current policy (paper eq. 1), the frozen
-    initial policy, or an EMA of the policy (``ema_update_``; SDPO's teacher_update_rate,
-    where rate 0 is the initial policy)."""
-
-    CURRENT = "current"
-    INITIAL = "initial"
-    EMA = "ema"
-
-
 @dataclass
 class TeacherConfig:
     """context None = the method's default (``MethodSpec.context``). max_teacher_prompt_len
@@ -46,17 +35,12 @@ class TeacherConfig:
     template: str = DEFAULT_TEMPLATE
     strip_thinking: bool = False
     max_teacher_prompt_len: int = 22528
-    weights: TeacherWeights = TeacherWeights.CURRENT
-    ema_rate: float = 0.05
 
     def __post_init__(self) -> None:
         if self.context is not None and self.context not in CONTEXT_SOURCES:
             raise ValueError(f"unknown teacher context {self.context!r}; valid: {list(CONTEXT_SOURCES)}")
         if self.peer_choice not in PEER_CHOICES:
             raise ValueError(f"unknown peer_choice {self.peer_choice!r}; valid: {list(PEER_CHOICES)}")
-        self.weights = TeacherWeights(self.weights)
-        if not 0.0 <= self.ema_rate <= 1.0:
-            raise ValueError(f"ema_rate must be in [0, 1], got {self.ema_rate}")
         if "{prompt}" not in self.template or "{solution}" not in self.template:
             raise ValueError("teacher template must contain {prompt} and {solution}")
 
@@ -270,27 +254,6 @@ def build_teacher_views(
     peers = torch.where(has_teacher, peers, torch.full_like(peers, -1))
     stats = TeacherViewStats(int(requested.sum()), no_context, truncated, dropped, int(has_teacher.sum()))
     return TeacherViews(prompt_ids, has_teacher, peers, stats)
-
-
-@torch.no_grad()
-def ema_update_(
-    teacher_state: Mapping[str, torch.Tensor], student_state: Mapping[str, torch.Tensor], rate: float
-) -> None:
-    """theta_T <- (1 - rate) theta_T + rate theta_S, in place, for every floating tensor
-    (others are copied). rate 0 keeps the initial teacher; rate 1 tracks the policy."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"EMA rate must be in [0, 1], got {rate}")
-    if set(teacher_state) != set(student_state):
-        diff = sorted(set(teacher_state) ^ set(student_state))[:5]
-        raise ValueError(f"teacher and student state dicts have different keys, e.g. {diff}")
-    for name, t in teacher_state.items():
-        s = student_state[name]
-        if t.shape != s.shape:
-            raise ValueError(f"{name}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
-        if t.is_floating_point():
-            t.lerp_(s.to(dtype=t.dtype, device=t.device), rate)
-        else:
-            t.copy_(s)
 
 
 def _per_sample(name: str, values: Sequence, batch: int, group_size: int) -> list:

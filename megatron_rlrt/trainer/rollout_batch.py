@@ -118,14 +118,14 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
     rewards = correct.float()
     adv, stats = get_advantage(method.advantage)(rewards, k, cfg.resolved_std_normalize())
     teacher_ids: list = [None] * len(flat)
-    tstats = None
+    teacher_stats = None
     if method.needs_teacher:
         views = build_teacher_views(
             method.name, services.tokenizer, [p.messages for p in prompts], texts, rewards, k, services.teacher_cfg,
             bool(cfg.enable_thinking), zero_signal_mask=stats.zero_signal_mask if method.teacher_needs_signal else None,
             reference_solutions=[p.solution for p in prompts], reference_answers=[p.answer for p in prompts],
             response_lengths=[len(s.response_ids) for _, s in flat], generator=services.peer_generator)
-        teacher_ids, tstats = views.prompt_ids, views.stats
+        teacher_ids, teacher_stats = views.prompt_ids, views.stats
     samples = [Sample(i, g, list(prompts[g].prompt_ids), s.response_ids, s.logprobs, float(rewards[i]),
                       bool(correct[i]), float(adv[i]), teacher_ids[i]) for i, (g, s) in enumerate(flat)]
     empty = sum(not s.response_ids for s in samples)
@@ -136,20 +136,22 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
         samples = [s for s in samples if not bool(stats.zero_signal_mask[s.index])]
     lengths = [len(s.response_ids) for _, s in flat]
     groups_with_correct = correct.view(-1, k).any(1).float().mean().item()
-    m = {"reward/mean": rewards.mean().item(), "reward/raw_mean": sum(scored.rewards) / len(flat),
-         "reward/pass_rate_groups": groups_with_correct,
-         "reward/zero_signal_groups": float(stats.num_zero_signal_groups),
-         "response/length_mean": sum(lengths) / len(lengths), "response/length_max": float(max(lengths)),
-         "response/empty": float(empty),
-         "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
-         "perf/rollout_time_s": t_rollout, "perf/reward_time_s": t_score,
-         "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
-         "data/epoch": float(services.loader.epoch),
-         "perf/batch_tokens": float(sum(s.num_tokens for s in samples))}
-    m.update({name: float(v) for name, v in scored.stats.to_metrics("reward/").items() if name not in m})
-    if tstats is not None:
-        m.update({"rlrt/teacher_requested": float(tstats.requested), "rlrt/teacher_built": float(tstats.built),
-                  "rlrt/teacher_coverage": tstats.coverage, "rlrt/teacher_truncated": float(tstats.truncated),
-                  "rlrt/teacher_dropped_overlong": float(tstats.dropped_overlong),
-                  "rlrt/teacher_no_context": float(tstats.no_context)})
-    return RolloutBatch(samples, k, m)
+    metrics = {
+        "reward/mean": rewards.mean().item(), "reward/raw_mean": sum(scored.rewards) / len(flat),
+        "reward/pass_rate_groups": groups_with_correct, "reward/zero_signal_groups": float(stats.num_zero_signal_groups),
+        "response/length_mean": sum(lengths) / len(lengths), "response/length_max": float(max(lengths)),
+        "response/empty": float(empty),
+        "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
+        "perf/rollout_time_s": t_rollout, "perf/reward_time_s": t_score,
+        "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9),
+        "data/epoch": float(services.loader.epoch),
+        "perf/batch_tokens": float(sum(s.num_tokens for s in samples)),
+    }
+    metrics.update({name: float(v) for name, v in scored.stats.to_metrics("reward/").items() if name not in metrics})
+    if teacher_stats is not None:
+        metrics.update({
+            "rlrt/teacher_requested": float(teacher_stats.requested), "rlrt/teacher_built": float(teacher_stats.built),
+            "rlrt/teacher_coverage": teacher_stats.coverage, "rlrt/teacher_truncated": float(teacher_stats.truncated),
+            "rlrt/teacher_dropped_overlong": float(teacher_stats.dropped_overlong),
+            "rlrt/teacher_no_context": float(teacher_stats.no_context)})
+    return RolloutBatch(samples, k, metrics)

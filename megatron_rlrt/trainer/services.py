@@ -123,8 +123,7 @@ def build_rank0_services(cfg: Config, hf_dir: str, loader_state: dict | None, rn
                         progress=cfg.progress)
     teacher_cfg = TeacherConfig(context=_CONTEXT[cfg.resolved_teacher_context()],
                                 peer_choice=cfg.teacher_peer_choice, strip_thinking=cfg.teacher_strip_thinking,
-                                max_teacher_prompt_len=cfg.teacher_max_prompt_len, weights=cfg.teacher_weights,
-                                ema_rate=cfg.teacher_ema_rate)
+                                max_teacher_prompt_len=cfg.teacher_max_prompt_len)
     peer_generator = torch.Generator().manual_seed(cfg.seed + 17)
     if rng and "peer_generator" in rng:
         peer_generator.set_state(rng["peer_generator"])

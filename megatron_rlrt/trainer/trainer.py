@@ -90,7 +90,7 @@ class Trainer:
         self.fleet = RolloutFleet.create(cfg, self.hf_dir, self.services.tokenizer if self.services else None,
                                          create_engine)
         on_rank0(lambda: self.services.attach_engine(self.fleet, resume.rng), "setting up the rollout engine")
-        self.metrics = MetricsWriter(cfg.save, cfg.tensorboard, cfg.wandb_project, cfg.to_dict(), self.start_step)
+        self.metrics_writer = MetricsWriter(cfg.save, cfg.tensorboard, cfg.wandb_project, cfg.to_dict(), self.start_step)
         self._sync_engine(version=self.start_step)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -168,15 +168,15 @@ class Trainer:
         sync_s = self._sync_engine(version=step + 1)
         if self.teacher is not None and cfg.teacher_weights == "ema":
             self.teacher.ema_update(self.chunks, cfg.teacher_ema_rate)
-        m = reduce_to_rank0(sums)
+        metrics = reduce_to_rank0(sums)
         if self.rank0:
             step_time = time.perf_counter() - t0
-            m.update(batch.metrics)
-            m.update({"rlrt/lambda": lam, "actor/grad_norm": sum(grad_norms) / len(grad_norms),
-                      "actor/lr": self.optimizer.param_groups[0]["lr"], "perf/step_time_s": step_time,
-                      "perf/train_time_s": t_sync - t_train, "perf/weight_sync_s": sync_s,
-                      "perf/tokens_per_s": m["perf/batch_tokens"] / max(step_time, 1e-9)})
-        return m
+            metrics.update(batch.metrics)
+            metrics.update({"rlrt/lambda": lam, "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+                            "actor/lr": self.optimizer.param_groups[0]["lr"], "perf/step_time_s": step_time,
+                            "perf/train_time_s": t_sync - t_train, "perf/weight_sync_s": sync_s,
+                            "perf/tokens_per_s": metrics["perf/batch_tokens"] / max(step_time, 1e-9)})
+        return metrics
 
     def _update(self, samples: Sequence[Sample], inputs: dict[int, SampleInputs], sums: MetricSums) -> float:
         """One optimizer step on this rank's share of a mini-batch."""
@@ -223,28 +223,28 @@ class Trainer:
             before = self.evaluate()
             if before:
                 self._log("held-out before training: " + ", ".join(f"{k}={v:.3f}" for k, v in before.items()))
-                self.metrics.write(0, before)
+                self.metrics_writer.write(0, before)
                 history["before"] = before
         for step in range(self.start_step, cfg.train_iters):
-            m = self.step(step)
+            metrics = self.step(step)
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.train_iters:
-                m.update(self.evaluate())
-            self.metrics.write(step + 1, m)
+                metrics.update(self.evaluate())
+            self.metrics_writer.write(step + 1, metrics)
             if self.rank0 and ((step + 1) % cfg.log_interval == 0 or step + 1 == cfg.train_iters):
-                print(console_line(step + 1, cfg.train_iters, m), flush=True)
+                print(console_line(step + 1, cfg.train_iters, metrics), flush=True)
             if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < cfg.train_iters:
                 self.save(step + 1)
         after = self.evaluate()
         if after:
             self._log("held-out after training: " + ", ".join(f"{k}={v:.3f}" for k, v in after.items()))
-            self.metrics.write(cfg.train_iters, {**after, "eval/final": 1.0})
+            self.metrics_writer.write(cfg.train_iters, {**after, "eval/final": 1.0})
             history["after"] = after
         if self.start_step < cfg.train_iters or not ckpt.latest_checkpoint(cfg.save):
             self.save(cfg.train_iters)
         return history
 
     def close(self) -> None:
-        self.metrics.close()
+        self.metrics_writer.close()
         if self.services is not None:
             self.services.close()
         self.fleet.shutdown()

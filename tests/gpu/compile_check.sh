@@ -11,13 +11,14 @@ trap 'rm -rf "$out"' EXIT
 import os, subprocess, sys, sysconfig
 from torch.utils.cpp_extension import include_paths
 from megatron_rlrt.ops import build
+from tests.gpu import nvcc_check
 out = sys.argv[1]
 print(f"[compile_check] nvcc {build.CUDA_SOURCES[0]} for sm_80, sm_90 ...", flush=True)
-print(f"[compile_check] nvcc ok in {build.nvcc_compile_check(out):.0f} s", flush=True)
-spills = build.ptxas_spills(open(os.path.join(out, "ptxas.log")).read())
+print(f"[compile_check] nvcc ok in {nvcc_check.nvcc_compile_check(out):.0f} s", flush=True)
+spills = nvcc_check.ptxas_spills(open(os.path.join(out, "ptxas.log")).read())
 print(f"[compile_check] ptxas: {len(spills)} kernels, spilling: {[k for k, v in spills.items() if v != (0, 0)] or 'none'}")
 for ptx in sorted(f for f in os.listdir(out) if f.endswith(".ptx")):
-    ops = build.ptx_global_memory_ops(open(os.path.join(out, ptx)).read())
+    ops = nvcc_check.ptx_global_memory_ops(open(os.path.join(out, ptx)).read())
     vec = sum(any(".v4." in op for op in o) for o in ops.values())
     print(f"[compile_check] {ptx}: {vec} of {len(ops)} kernels use 128-bit global loads/stores")
 cmd = ["c++", "-c", os.path.join(build.CSRC_DIR, "bindings.cpp"), "-o", os.path.join(out, "bindings.o"), "-fPIC",

@@ -72,6 +72,7 @@ class StepOptions:
     use_te: bool = False  # Transformer Engine layers (GPU); packed rows go as THD either way
     pad_to_multiple_of: int = 1  # whole packed length (sequence parallelism, FP8 alignment)
     sequence_parallel_size: int = 1  # TP size when sequence parallel (multiplies the per-row CP padding)
+    logprob_precision: str = "train"  # no-grad passes: "train" (same kernels as training) or "bf16" (FP8 off)
 
 
 def _cp() -> tuple[int, int]:
@@ -334,7 +335,10 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
                         out.teacher_topk_logprobs[sample] = v[:, layout.topk_logprobs]
         return torch.zeros((), device=cols.device), {}
 
-    with torch.no_grad():
+    from megatron_rlrt.precision import logprob_precision
+
+    chunks = list(chunks)
+    with torch.no_grad(), logprob_precision(getattr(chunks[0], "config", None), opts.logprob_precision):
         run_pipeline(chunks, mbs, opts, store, forward_only=True)
     return out
 

@@ -23,6 +23,7 @@ from megatron_rlrt.models.megatron_checkpoint import (
     spec_of_checkpoint,
 )
 from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec, build_model, transformer_config
+from megatron_rlrt.precision import Fp8Options
 from megatron_rlrt.trainer import checkpoint as ckpt
 from megatron_rlrt.trainer import run_dir
 from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
@@ -50,6 +51,7 @@ def build_model_and_optimizer(cfg: Config, arch: Qwen3Spec, hf_dir: str) -> Mode
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size, sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype, perform_initialization=False, **cfg.recompute_options(),
+        fp8=Fp8Options.from_config(cfg),  # TE FP8 (--fp8-*), validated by Config.validate
         calculate_per_token_loss=True,  # we return loss sums + counts; megatron divides grads once
     )
     modules = build_model(arch, tconfig)

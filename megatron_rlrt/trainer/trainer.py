@@ -33,6 +33,7 @@ from megatron_rlrt.algorithms import PolicyLossConfig, get_method, make_lambda_s
 from megatron_rlrt.config import Config
 from megatron_rlrt.models.megatron_checkpoint import spec_of_checkpoint
 from megatron_rlrt.models.qwen3 import Qwen3Spec
+from megatron_rlrt.precision import pack_multiple
 from megatron_rlrt.rollout.fleet import RolloutFleet
 from megatron_rlrt.rollout.registry import create_engine
 from megatron_rlrt.trainer import checkpoint as ckpt
@@ -73,7 +74,8 @@ class Trainer:
         self.opts = StepOptions(temperature=cfg.rollout_temperature, with_entropy=True,
                                 topk=cfg.distill_topk if self.method.uses_distillation else 0,
                                 use_te=self.platform.has_transformer_engine,
-                                pad_to_multiple_of=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1,
+                                pad_to_multiple_of=pack_multiple(cfg),  # SP and FP8 GEMM alignment
+                                logprob_precision=cfg.logprob_precision,
                                 sequence_parallel_size=cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         resume = setup.restore(cfg, model, log=self._log)
         if resume.path:

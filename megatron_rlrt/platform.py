@@ -130,6 +130,13 @@ def detect() -> Platform:
     return Platform(torch.device("cpu"), "gloo", False)
 
 
+def current_device() -> torch.device:
+    """This process's device: ``Platform.device`` once ``parallel.initialize`` has selected it
+    (``torch.cuda.set_device``), the CPU without CUDA. The one place that answers "where do my
+    tensors go"; every caller asks here."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 # --------------------------------------------------------------------------------------
 # CPU adaptation
 # --------------------------------------------------------------------------------------

@@ -274,9 +274,9 @@ def _forward(chunks, ctx: _Context):
     """One pack through megatron's schedule (no grad); the hook's output on the last stage, else None."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rlrt.models.forward import model_device
+    from megatron_rlrt.platform import current_device
 
-    device = model_device()
+    device = current_device()
     got: list = []
 
     def step(data_iterator, model):

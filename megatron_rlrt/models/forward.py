@@ -1,10 +1,9 @@
 """Forward passes through megatron's pipeline schedules.
 
-Everything that runs the Megatron model (tools, tests, trainer) goes through
-``get_forward_backward_func()`` so that PP/VPP take megatron's own path. This module holds
-the pieces shared by those callers: masks/positions for a batch, and a forward that returns
-full-vocabulary logits (for parity checks and small evaluations; training never gathers
-the vocabulary).
+Everything that runs the Megatron model (tools, tests, trainer) goes through ``run_schedule``,
+the one wrapper around ``get_forward_backward_func()``, so that PP/VPP take megatron's own
+path. Also here: masks/positions for a batch, and a forward that returns full-vocabulary
+logits (for parity checks and small evaluations; training never gathers the vocabulary).
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from megatron_rlrt.platform import current_device
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
@@ -24,45 +25,33 @@ def positions(batch: int, seq_len: int, device=None) -> torch.Tensor:
     return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
 
 
-def model_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def run_forward_only(
+def run_schedule(
     chunks: Sequence[torch.nn.Module],
-    microbatches: Sequence[dict],
-    collect: Callable[[torch.Tensor, dict], dict],
+    microbatches: Sequence,
+    forward: Callable[[torch.nn.Module, object], torch.Tensor],
+    loss_fn: Callable[[object, torch.Tensor], tuple],
     seq_length: int,
-    micro_batch_size: int = 1,
-) -> list[dict]:
-    """Run ``microbatches`` (dicts with tokens/position_ids/attention_mask) forward-only.
+    forward_only: bool,
+) -> list:
+    """megatron's ``get_forward_backward_func()`` over ``microbatches`` (the one wrapper every
+    caller uses, so that no-pipeline, 1F1B and interleaved schedules all take megatron's own path).
 
-    ``collect(output, batch)`` runs on the last pipeline stage and returns a dict that is
-    handed back in the result list (empty list on other stages).
+    ``forward(model_chunk, mb)`` runs the chunk; ``loss_fn(mb, output)`` runs on the last
+    pipeline stage and returns megatron's ``(loss, [num_tokens,] report)``; the reports come
+    back as a list (empty on other stages). Each micro-batch is one packed sequence.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-
-        def loss_func(output_tensor):
-            return torch.zeros((), device=output_tensor.device), collect(output_tensor, batch)
-
-        return output, loss_func
+        mb = next(data_iterator)
+        return forward(model, mb), lambda output: loss_fn(mb, output)
 
     chunks = list(chunks)
-    iterators = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
-    with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iterators,
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=1, forward_only=forward_only,
+    )
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
@@ -83,12 +72,15 @@ def forward_logits(chunks: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
     Every rank passes the same ``tokens``; the result is returned on the last pipeline stage
     and ``None`` on the others. One sequence per micro-batch, so PP>1 really pipelines.
     """
-    device = model_device()
+    device = current_device()
     tokens = tokens.to(device)
     batch, seq = tokens.shape
     mask, pos = causal_mask(seq, device), positions(1, seq, device)
     microbatches = [{"tokens": tokens[i : i + 1], "position_ids": pos, "attention_mask": mask} for i in range(batch)]
-    outs = run_forward_only(chunks, microbatches, lambda out, b: {"logits": gather_vocab(out).float()}, seq)
+    with torch.no_grad():
+        outs = run_schedule(chunks, microbatches, lambda model, b: model(b["tokens"], b["position_ids"], b["attention_mask"]),
+                            lambda b, out: (torch.zeros((), device=out.device), {"logits": gather_vocab(out).float()}),
+                            seq, forward_only=True)
     if not outs:
         return None
     return torch.cat([o["logits"] for o in outs], dim=0)

@@ -10,11 +10,12 @@ from megatron_rlrt.rollout.base import RolloutEngine
 
 
 def _hf(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
-    from megatron_rlrt.rollout.hf_engine import HFEngine
-
     import os
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_rlrt.platform import current_device
+    from megatron_rlrt.rollout.hf_engine import HFEngine
+
+    device = current_device()
     # on a CPU the other ranks wait during rollout: generate with every core of this machine
     threads = None if device.type == "cuda" else os.cpu_count()
     return HFEngine(hf_dir, device=device, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_rlrt.models.megatron_checkpoint import iter_hf_tensors
 from megatron_rlrt.models.qwen3 import Qwen3Spec
+from megatron_rlrt.platform import current_device
 from megatron_rlrt.rollout.base import iter_weight_buckets
 
 
@@ -63,7 +64,7 @@ def gather_hf_weights(chunks: Sequence[torch.nn.Module], spec: Qwen3Spec, receiv
                 if meta[0] is None:
                     break
                 name, shape, dtype = meta[0]
-                buf = torch.empty(shape, dtype=dtype, device=_device())
+                buf = torch.empty(shape, dtype=dtype, device=current_device())
                 dist.recv(buf, src=src)
                 yield name, buf.to(device)
 
@@ -72,10 +73,6 @@ def gather_hf_weights_to_rank0(chunks: Sequence[torch.nn.Module], spec: Qwen3Spe
                                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, tensor on CPU) on global rank 0, nothing elsewhere; collective."""
     return gather_hf_weights(chunks, spec, (0,), "cpu")
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def sync_weights(engine, chunks: Sequence[torch.nn.Module], spec: Qwen3Spec, version: int,

@@ -38,7 +38,9 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 def training_device() -> torch.device:
     """The device the trainer's parameters live on (this rank's GPU, else the CPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_rlrt.platform import current_device
+
+    return current_device()
 
 
 class WeightTransport:

@@ -9,7 +9,9 @@ vocabulary with tensor-parallel reductions. Prompt positions never reach the LM 
 Log-probs and entropy of the sampled tokens come from ``megatron_rlrt.ops`` (one collective,
 C++/CUDA kernels) through the fused-linear op on every device, CPU included, so [tokens, vocab]
 logits never exist (the issue's 8k-token CPU measurement spent most of its +19 GB on them).
-Distillation's top-K needs this rank's logit shard and materialises it.
+Distillation's top-K needs this rank's logit shard and materialises it (``ops/vocab_topk.py``:
+the full-vocabulary log-sum-exp, global top-K ids, logits at global ids). This module decides
+what to compute and lays out the columns.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,6 @@ def _tp():
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
-def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                 sequence_parallel: bool = False) -> torch.Tensor:
-    """[n, V/TP] float32 logits of this rank's vocab shard for replicated hidden states [n, H]."""
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    if not sequence_parallel:
-        # identity forward, all-reduce of the input gradient backward (what ColumnParallelLinear
-        # does); under sequence parallelism the caller's all-gather reduce-scatters it instead
-        hidden = copy_to_tensor_model_parallel_region(hidden)
-    return (hidden @ weight.t()).float() / temperature
-
-
 # logit tiles of the fused-linear op hold at most this many elements ([tokens, vocab columns])
 FUSED_TILE_ELEMENTS = 1 << 24
 
@@ -105,31 +94,6 @@ def fused_chunk_size(num_tokens: int) -> int:
     """Vocabulary columns per tile: 4096, fewer for long inputs so one tile stays ~64 MB in fp32
     (memory linear in tokens, independent of the vocabulary)."""
     return max(128, min(4096, FUSED_TILE_ELEMENTS // max(1, num_tokens)))
-
-
-def _vocab_lse(logits: torch.Tensor, group, tp_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-sum-exp over the full vocabulary [n], exp(logits - max) [n, V/TP], its full-vocab sum [n])."""
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    gmax = logits.detach().max(dim=-1).values
-    if tp_size > 1:
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-    exp = torch.exp(logits - gmax[:, None])
-    sumexp = exp.sum(-1)
-    if tp_size > 1:  # all-reduce forward, identity backward: each rank's share of the gradient
-        sumexp = reduce_from_tensor_model_parallel_region(sumexp)
-    return gmax + sumexp.log(), exp, sumexp
-
-
-def _gather_global_ids(logits: torch.Tensor, ids: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """logits at global vocab ids [n, k] (differentiable), summed over the rank owning each id."""
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    shard = logits.shape[-1]
-    local = ids - tp_rank * shard
-    inside = (local >= 0) & (local < shard)
-    values = logits.gather(1, local.clamp(0, shard - 1)) * inside
-    return reduce_from_tensor_model_parallel_region(values) if tp_size > 1 else values
 
 
 def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequest,
@@ -151,31 +115,16 @@ def logprob_columns(hidden: torch.Tensor, weight: torch.Tensor, req: LogprobRequ
                                                   chunk_size=fused_chunk_size(hidden.shape[0]),
                                                   reduce_hidden_grad=not sequence_parallel)
         return torch.stack([logp, entropy] if req.with_entropy else [logp], dim=1)
-    raw = shard_logits(hidden, weight, 1.0, sequence_parallel)
+    raw = ops.shard_logits(hidden, weight, 1.0, sequence_parallel)
     logp, entropy = ops.vocab_parallel_logprobs(raw, req.targets, req.temperature, tp_group,
                                                 with_entropy=req.with_entropy)
     cols = [logp] + ([entropy] if req.with_entropy else [])
     if req.topk:
         logits = raw / req.temperature
-        lse, _, _ = _vocab_lse(logits, group, tp_size)
-        ids = req.topk_ids if req.topk_ids is not None else _global_topk_ids(logits.detach(), req.topk, tp_size, tp_rank, group)
-        cols.extend((_gather_global_ids(logits, ids, tp_size, tp_rank) - lse[:, None]).clamp(max=0.0).unbind(1))
+        lse, _, _ = ops.vocab_parallel_lse(logits, group, tp_size)
+        ids = req.topk_ids if req.topk_ids is not None else ops.global_topk_ids(logits.detach(), req.topk, tp_size,
+                                                                                  tp_rank, group)
+        cols.extend((ops.gather_at_global_ids(logits, ids, tp_size, tp_rank) - lse[:, None]).clamp(max=0.0).unbind(1))
         if req.topk_ids is None:
             cols.extend(ids.float().unbind(1))
     return torch.stack(cols, dim=1)
-
-
-def _global_topk_ids(logits: torch.Tensor, k: int, tp_size: int, tp_rank: int, group) -> torch.Tensor:
-    """Global vocab ids [n, k] of the k largest logits over all vocab shards."""
-    k_local = min(k, logits.shape[-1])
-    values, local_ids = logits.topk(k_local, dim=-1)
-    ids = local_ids + tp_rank * logits.shape[-1]
-    if tp_size == 1:
-        return ids
-    all_values = [torch.empty_like(values) for _ in range(tp_size)]
-    all_ids = [torch.empty_like(ids) for _ in range(tp_size)]
-    dist.all_gather(all_values, values.contiguous(), group=group)
-    dist.all_gather(all_ids, ids.contiguous(), group=group)
-    values, ids = torch.cat(all_values, -1), torch.cat(all_ids, -1)
-    best = values.topk(k, dim=-1).indices
-    return ids.gather(1, best)

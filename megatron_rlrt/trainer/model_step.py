@@ -10,7 +10,8 @@ loss is returned as a SUM with its normaliser count and megatron (calculate_per_
 divides the gradients by the count summed over micro-batches and data-parallel ranks, so
 token-mean is over the whole optimizer mini-batch.
 
-Both run ``get_forward_backward_func()``: no pipeline, 1F1B or interleaved, as configured.
+Both run megatron's schedules through ``models.forward.run_schedule``: no pipeline, 1F1B or
+interleaved, as configured.
 
 Context parallelism (``--context-parallel-size``): every row is padded at its end to a multiple of
 2 x CP (x TP under sequence parallelism), each CP rank feeds the model its zigzag share of the
@@ -34,7 +35,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from megatron_rlrt.models.forward import run_schedule
 from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs, zigzag_index
+from megatron_rlrt.platform import current_device
 from megatron_rlrt.trainer.logprobs import ColumnLayout, LogprobRequest, logprob_columns
 from megatron_rlrt.trainer.rollout_batch import Sample
 
@@ -237,37 +240,24 @@ def model_inputs(mb: MicroBatch, opts: StepOptions, device: torch.device) -> dic
     )
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def run_pipeline(chunks, microbatches: list[MicroBatch], opts: StepOptions, loss_fn: Callable,
                  forward_only: bool) -> list:
     """megatron's schedule over ``microbatches``; ``loss_fn(mb, columns)`` runs on the last stage."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    device = current_device()
 
-    device = _device()
-
-    def step(data_iterator, model):
-        mb = next(data_iterator)
+    def forward(model, mb: MicroBatch) -> torch.Tensor:
         request = LogprobRequest(mb.request.positions.to(device), mb.request.targets.to(device),
                                  mb.request.temperature, mb.request.with_entropy, mb.request.topk,
                                  None if mb.request.topk_ids is None else mb.request.topk_ids.to(device))
         ctx = MicroBatch(mb.packed, request, None if mb.teacher_src is None else mb.teacher_src.to(device),
                          mb.label_positions, mb.cp)
-        out = model(**model_inputs(mb, opts, device), output_processor=output_processor,
-                    output_processor_context=ctx)
-        return out, lambda cols: loss_fn(mb, cols)
+        return model(**model_inputs(mb, opts, device), output_processor=output_processor,
+                     output_processor_context=ctx)
 
-    chunks = list(chunks)
     _check_stages_agree(len(microbatches))
-    data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     cp_size, _ = _cp()
     longest = max(mb.packed.num_tokens for mb in microbatches) // cp_size
-    return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches), seq_length=longest, micro_batch_size=1, forward_only=forward_only,
-    )
+    return run_schedule(chunks, microbatches, forward, loss_fn, longest, forward_only)
 
 
 def _check_stages_agree(num_microbatches: int) -> None:
@@ -277,7 +267,7 @@ def _check_stages_agree(num_microbatches: int) -> None:
 
     if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
         return
-    n = torch.tensor([num_microbatches, -num_microbatches], dtype=torch.long, device=_device())
+    n = torch.tensor([num_microbatches, -num_microbatches], dtype=torch.long, device=current_device())
     dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
     if int(n[0]) != num_microbatches or int(-n[1]) != num_microbatches:
         raise RuntimeError(f"pipeline stages planned different micro-batch counts ({int(-n[1])}..{int(n[0])}); "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_rlrt import ops
 from megatron_rlrt.trainer import logprobs as lp_mod
 from megatron_rlrt.trainer.logprobs import LogprobRequest, fused_chunk_size, logprob_columns
 
@@ -17,7 +18,7 @@ def test_cpu_logprob_columns_use_the_fused_linear_op_and_match_full_logits(monke
     def no_logits(*args, **kwargs):
         raise AssertionError("materialised [tokens, vocab/TP] logits on the log-prob path")
 
-    monkeypatch.setattr(lp_mod, "shard_logits", no_logits)
+    monkeypatch.setattr(ops, "shard_logits", no_logits)  # the logit shard lives in ops/vocab_topk.py
     g = torch.Generator().manual_seed(0)
     n, h, v = 37, 16, 1000
     hidden = torch.randn(n, h, generator=g, requires_grad=True)

@@ -208,6 +208,14 @@ class Config:
                                          "student's packed forward), the initial policy, or an EMA",
                               choices=("current", "initial", "ema"))
     teacher_ema_rate: float = _f(0.05, "EMA rate with --teacher-weights ema")
+    teacher_exposure: Optional[str] = _f(None, "how much of its context the teacher sees (ATESD): fixed:RHO = the "
+                                               "first RHO in [0, 1] of the context's tokens (fixed:1 = all of it), "
+                                               "atesd = a Beta-policy controller picks rho every --atesd-hold-window "
+                                               "steps (default per method: atesd for atesd, fixed:1 otherwise)")
+    atesd_hold_window: int = _f(10, "ATESD: RL steps each sampled exposure rho is held for (H)")
+    atesd_discount: float = _f(0.9, "ATESD: discount gamma of the learning-progress reward over later windows")
+    atesd_lr: float = _f(0.01, "ATESD: Adam learning rate of the exposure controller's policy gradient")
+    atesd_horizon: int = _f(3, "ATESD: windows of learning progress credited to one exposure decision (L)")
     eps_clip: float = _f(0.2, "PPO ratio clip below 1 (eps_low)")
     eps_clip_high: float = _f(0.28, "PPO clip (high side, DAPO clip-higher)")
     eps_clip_c: Optional[float] = _f(3.0, "dual-clip constant for negative advantages (verl's default 3.0; 0 disables)")
@@ -297,6 +305,19 @@ class Config:
         return {"peer": "peer", "reference_answer": "answer", "reference_solution": "reference",
                 "none": "peer"}[get_method(self.advantage_estimator).context]
 
+    def resolved_teacher_exposure(self) -> str:
+        if self.teacher_exposure:
+            return self.teacher_exposure
+        from megatron_rlrt.algorithms import get_method
+
+        return get_method(self.advantage_estimator).exposure
+
+    def atesd_config(self):
+        from megatron_rlrt.algorithms.atesd import AtesdConfig
+
+        return AtesdConfig(hold_window=self.atesd_hold_window, discount=self.atesd_discount, lr=self.atesd_lr,
+                           horizon=self.atesd_horizon, seed=self.seed)
+
     def validate(self, world_size: int | None = None, capability=None) -> "Config":
         """Raise ``ConfigError`` listing every problem, each naming its flags. ``capability``: the
         machine the FP8 rules check against (``precision.Capability``; default: this one)."""
@@ -384,6 +405,16 @@ class Config:
              f"--ref-load {self.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")
         need(self.ref_load is None or os.path.isdir(self.ref_load), f"--ref-load {self.ref_load}: no such directory")
         need(0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
+        if method is not None:
+            from megatron_rlrt.algorithms.atesd import parse_teacher_exposure
+
+            try:
+                exposure = parse_teacher_exposure(self.resolved_teacher_exposure(), self.atesd_config())
+                need(method.needs_teacher or getattr(exposure, "rho", None) == 1.0,
+                     f"--teacher-exposure {self.resolved_teacher_exposure()}: method {method.name!r} has no teacher "
+                     "to expose a context to")
+            except ValueError as exc:
+                problems.append(str(exc))
         try:
             import torch
 

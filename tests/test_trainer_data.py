@@ -71,6 +71,8 @@ def test_credit_metric_sums_agree_with_the_diagnostics():
     assert means["rlrt/clip_frac_low"] == pytest.approx(ref["credit/weight_clip_low"])
     assert means["rlrt/clip_frac_high"] == pytest.approx(ref["credit/weight_clip_high"])
     assert means["rlrt/teacher_tokens_frac"] == pytest.approx(float((mask & has_teacher[:, None]).sum() / mask.sum()))
+    tmask = mask & has_teacher[:, None]  # ATESD's mismatch: mean log P_S - log P_T over teacher-row tokens
+    assert means["teacher/mismatch"] == pytest.approx(float((s_lp - t_lp)[tmask].mean()))
     # no weighting method: only the shift and the teacher-token fraction
     assert set(credit_metric_sums(get_method("grpo"), adv, tok_adv, correct, s_lp, t_lp, mask, has_teacher, 0.2)) == {
         "rlrt/adv_abs_shift_mean", "rlrt/teacher_tokens_frac"}

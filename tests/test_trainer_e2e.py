@@ -42,6 +42,9 @@ def test_every_method_trains(tiny_model, arithmetic_data, tmp_path, layout):
             assert "loss/distill" in last, method
         if not spec.needs_teacher:
             assert "rlrt/teacher_built" not in last
+        else:  # the teacher exposure (ATESD) is logged for every teacher method: full unless chosen
+            assert 0 <= last["atesd/rho"] <= 1 and (spec.exposure != "fixed:1" or last["atesd/rho"] == 1.0)
+            assert "teacher/mismatch" in last or last["rlrt/teacher_built"] == 0, method
 
 
 @pytest.mark.parametrize("weights", ["initial", "ema"])

@@ -39,6 +39,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from megatron_rlrt.algorithms.methods import MethodSpec, register_method
+
 STAT_NAMES = ("reward", "loss", "entropy", "mismatch", "step_fraction")
 _RHO_EPS = 1e-4  # Beta's support is open: log-probs of a sampled 0 or 1 are taken at the edge
 
@@ -235,7 +237,9 @@ class AtesdController:
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """Plain JSON-able data (tensors as lists; float64 survives JSON exactly), so it rides in
+        the trainer's JSON state file and loads at any world size."""
+        return to_jsonable({
             "config": asdict(self.config),
             "stat_names": list(self.stat_names),
             "policy": self.policy.state_dict(),
@@ -246,9 +250,10 @@ class AtesdController:
             "last_metric": self.last_metric,
             "pending": [{"state": d["state"].clone(), "rho": d["rho"], "deltas": list(d["deltas"])}
                         for d in self.pending],
-        }
+        })
 
     def load_state_dict(self, state: Mapping) -> None:
+        state = from_jsonable(state)
         if list(state["stat_names"]) != list(self.stat_names):
             raise ValueError(f"ATESD checkpoint has statistics {state['stat_names']}, this run {list(self.stat_names)}")
         saved = {k: v for k, v in state["config"].items() if k not in ("lr", "seed")}
@@ -266,6 +271,28 @@ class AtesdController:
         self.last_metric = state["last_metric"]
         self.pending = [{"state": d["state"].clone(), "rho": float(d["rho"]), "deltas": list(d["deltas"])}
                         for d in state["pending"]]
+
+
+def to_jsonable(obj):
+    """Tensors -> {"__tensor__": nested list, "dtype": name}, recursively (dict keys -> str)."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": obj.detach().cpu().tolist(), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def from_jsonable(obj):
+    """Inverse of ``to_jsonable``; integer-looking dict keys (optimizer param ids) become ints."""
+    if isinstance(obj, Mapping):
+        if "__tensor__" in obj:
+            return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"]))
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj
 
 
 # -- exposure schedules, by name -----------------------------------------------------------------
@@ -350,3 +377,49 @@ def parse_teacher_exposure(spec: str, config: Optional[AtesdConfig] = None):
 
 # the fixed-exposure sweep of the paper's motivation experiment
 SWEEP_RHOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class ExposureSchedule:
+    """What the trainer holds (on rank 0, where teacher views are built): the exposure rule of
+    ``--teacher-exposure`` and the training statistics its controller reads.
+
+    ``observe(metrics)`` after each RL step keeps the loss (distillation loss if the method has
+    one, else the policy-gradient loss), the policy entropy and the teacher-student mismatch
+    (``teacher/mismatch``: mean log P_S - log P_T over teacher-row tokens); ``rho(step,
+    reward)`` then answers the exposure for the next step's teacher views, with the batch's mean
+    reward as both a state statistic and the progress metric.
+    """
+
+    LOSS_KEYS = ("loss/distill", "loss/pg")
+
+    def __init__(self, rule, train_iters: int):
+        self.rule = rule
+        self.train_iters = max(1, int(train_iters))
+        self.last = {"loss": 0.0, "entropy": 0.0, "mismatch": 0.0}
+
+    def observe(self, metrics: Mapping[str, float]) -> None:
+        loss = next((metrics[k] for k in self.LOSS_KEYS if k in metrics), None)
+        for name, value in (("loss", loss), ("entropy", metrics.get("actor/entropy")),
+                            ("mismatch", metrics.get("teacher/mismatch"))):
+            if value is not None and math.isfinite(float(value)):
+                self.last[name] = float(value)
+
+    def rho(self, step: int, reward_mean: float) -> float:
+        stats = {"reward": float(reward_mean), **self.last, "step_fraction": step / self.train_iters}
+        return self.rule.rho_for_update(step, stats, float(reward_mean))
+
+    def metrics(self) -> dict[str, float]:
+        return {f"atesd/{k}": float(v) for k, v in self.rule.metrics().items()}
+
+    def state_dict(self) -> dict:
+        return {"rule": to_jsonable(self.rule.state_dict()), "last": dict(self.last)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.rule.load_state_dict(from_jsonable(state["rule"]))
+        self.last = {k: float(v) for k, v in state["last"].items()}
+
+
+# ATESD as a method: OPSD (reference-solution teacher, top-K distillation; the paper's base) with
+# the adaptive exposure by default. Any teacher method takes --teacher-exposure as well.
+register_method(MethodSpec("atesd", teacher_rows="all", loss="distill", context="reference_solution",
+                           exposure="atesd"))

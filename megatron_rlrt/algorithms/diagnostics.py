@@ -139,12 +139,19 @@ def credit_metric_sums(
     for a weighting method, over the tokens its weight applies to (rows with a teacher, and
     correct ones for RLRT's reward gate): the clipped weight that enters eq. 7, the log of the
     raw (heavy-tailed) weight, the clip fractions, and D_t = log P_S - log P_T (eq. 4).
+    teacher/mismatch: mean D_t over all teacher-row tokens, for every method with a teacher.
     """
     mask = response_mask.bool()
     n_tok = float(mask.sum())
     shift = ((token_advantages - seq_advantages[:, None]).abs() * mask).sum().item()
     out = {"rlrt/adv_abs_shift_mean": (shift, n_tok),
            "rlrt/teacher_tokens_frac": (float((mask & has_teacher[:, None]).sum()), n_tok)}
+    tmask = mask & has_teacher[:, None]
+    if method.needs_teacher and teacher_logprobs is not None and student_logprobs is not None and bool(tmask.any()):
+        # teacher-student mismatch: mean D_t = log P_S - log P_T over every teacher-row token, a
+        # sample estimate of KL(P_S || P_T) on the student's own tokens (ATESD's exposure sweep)
+        d_all = information_asymmetry(student_logprobs, teacher_logprobs)
+        out["teacher/mismatch"] = (d_all[tmask].sum().item(), float(tmask.sum()))
     if teacher_logprobs is None or method.token_weight is None:
         return out
     gate = has_teacher.clone()

@@ -44,6 +44,9 @@ class MethodSpec:
     std_normalize: default advantage std normalisation (Table 5).
     entropy_bonus: the entropy term is on by default (--entropy-coef ENTROPY_BONUS_COEF; GRPO+EB).
     advantage: the sequence-level advantage estimator, a name in ``ADVANTAGES``.
+    exposure: default teacher exposure (--teacher-exposure): "fixed:RHO" shows the teacher the
+        first RHO of its context's tokens, "atesd" lets the ATESD controller choose
+        (algorithms/atesd.py); "fixed:1" is the whole context.
     """
 
     name: str
@@ -56,6 +59,7 @@ class MethodSpec:
     std_normalize: bool = False
     entropy_bonus: bool = False
     advantage: str = "grpo"
+    exposure: str = "fixed:1"
 
     @property
     def needs_teacher(self) -> bool:

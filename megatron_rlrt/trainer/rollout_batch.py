@@ -120,11 +120,13 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
     teacher_ids: list = [None] * len(flat)
     teacher_stats = None
     if method.needs_teacher:
+        rho = services.exposure.rho(step, rewards.mean().item())  # ATESD: how much of c the teacher sees
         views = build_teacher_views(
             method.name, services.tokenizer, [p.messages for p in prompts], texts, rewards, k, services.teacher_cfg,
             bool(cfg.enable_thinking), zero_signal_mask=stats.zero_signal_mask if method.teacher_needs_signal else None,
             reference_solutions=[p.solution for p in prompts], reference_answers=[p.answer for p in prompts],
-            response_lengths=[len(s.response_ids) for _, s in flat], generator=services.peer_generator)
+            response_lengths=[len(s.response_ids) for _, s in flat], generator=services.peer_generator,
+            exposure=rho)
         teacher_ids, teacher_stats = views.prompt_ids, views.stats
     samples = [Sample(i, g, list(prompts[g].prompt_ids), s.response_ids, s.logprobs, float(rewards[i]),
                       bool(correct[i]), float(adv[i]), teacher_ids[i]) for i, (g, s) in enumerate(flat)]
@@ -154,4 +156,5 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
             "rlrt/teacher_coverage": teacher_stats.coverage, "rlrt/teacher_truncated": float(teacher_stats.truncated),
             "rlrt/teacher_dropped_overlong": float(teacher_stats.dropped_overlong),
             "rlrt/teacher_no_context": float(teacher_stats.no_context)})
+        metrics.update(services.exposure.metrics())
     return RolloutBatch(samples, k, metrics)

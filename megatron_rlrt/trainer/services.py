@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlrt.algorithms import TeacherConfig
+from megatron_rlrt.algorithms.atesd import ExposureSchedule, parse_teacher_exposure
 from megatron_rlrt.config import Config
 from megatron_rlrt.eval.metrics import summarize
 from megatron_rlrt.rollout.base import SamplingParams
@@ -64,6 +65,7 @@ class Rank0Services:
         """After a rollout: colocated servers free their weights and KV cache for training."""
         if self.fleet is not None:
             self.fleet.release()
+    exposure: Optional[ExposureSchedule] = None  # --teacher-exposure (methods with a teacher)
 
     def sampling(self, temperature: float | None = None, seed: int | None = None) -> SamplingParams:
         cfg = self.cfg
@@ -86,6 +88,11 @@ class Rank0Services:
         per_prompt = [correct[i : i + n] for i in range(0, len(correct), n)]
         return {f"eval/{k}": v for k, v in summarize(per_prompt, ks=sorted({1, n})).items()}
 
+    def observe_step(self, metrics: dict) -> None:
+        """A finished step's metrics (the statistics the exposure controller reads)."""
+        if self.exposure is not None:
+            self.exposure.observe(metrics)
+
     def rng_state(self) -> dict | None:
         """Generator states a checkpoint keeps so that a resumed run samples as an uninterrupted one."""
         if not hasattr(self.engine, "generator"):
@@ -96,9 +103,11 @@ class Rank0Services:
         self.reward.close()  # the engine is shut down with its fleet
 
 
-def build_rank0_services(cfg: Config, hf_dir: str, loader_state: dict | None, rng: dict | None) -> Rank0Services:
-    """Data, tokenizer, verifier, teacher-view settings and generators; the rollout engine is
-    attached after the (collective) fleet is up: ``Rank0Services.attach_engine``."""
+def build_rank0_services(cfg: Config, hf_dir: str, loader_state: dict | None, rng: dict | None,
+                         exposure_state: dict | None = None) -> Rank0Services:
+    """Data, tokenizer, verifier, teacher-view settings, generators and the teacher-exposure
+    schedule (``exposure_state``: its checkpointed state); the rollout engine is attached after
+    the (collective) fleet is up: ``Rank0Services.attach_engine``."""
     from megatron_rlrt.data import DataConfig, PromptDataset, PromptLoader, TemplateConfig
     from megatron_rlrt.reward import get_reward
     from megatron_rlrt.tokenizer import load_tokenizer
@@ -127,4 +136,13 @@ def build_rank0_services(cfg: Config, hf_dir: str, loader_state: dict | None, rn
     peer_generator = torch.Generator().manual_seed(cfg.seed + 17)
     if rng and "peer_generator" in rng:
         peer_generator.set_state(rng["peer_generator"])
-    return Rank0Services(cfg, tokenizer, loader, eval_prompts, reward, teacher_cfg, peer_generator)
+    from megatron_rlrt.algorithms import get_method
+
+    exposure = None
+    if get_method(cfg.advantage_estimator).needs_teacher:
+        exposure = ExposureSchedule(parse_teacher_exposure(cfg.resolved_teacher_exposure(), cfg.atesd_config()),
+                                    cfg.train_iters)
+        if exposure_state:
+            exposure.load_state_dict(exposure_state)
+    return Rank0Services(cfg, tokenizer, loader, eval_prompts, reward, teacher_cfg, peer_generator,
+                         exposure=exposure)

@@ -83,6 +83,7 @@ class ResumePoint:
     path: str | None = None  # the checkpoint resumed from (None: a fresh run)
     loader_state: dict | None = None
     rng: dict | None = None  # rank 0's generator states
+    exposure_state: dict | None = None  # the teacher-exposure schedule (ATESD controller)
 
 
 def restore(cfg: Config, model: ModelAndOptimizer, log=print) -> ResumePoint:
@@ -92,7 +93,7 @@ def restore(cfg: Config, model: ModelAndOptimizer, log=print) -> ResumePoint:
     if path is None:
         return ResumePoint()
     state, rng = ckpt.load_checkpoint(path, model.chunks, model.optimizer, model.scheduler, log=log)
-    return ResumePoint(int(state["step"]), path, state.get("loader"), rng)
+    return ResumePoint(int(state["step"]), path, state.get("loader"), rng, state.get("exposure"))
 
 
 def needs_initial_weights(cfg: Config, method: MethodSpec) -> bool:

@@ -85,7 +85,8 @@ class Trainer:
         self.services: Rank0Services | None = None  # rank 0 only
 
         def build_services():
-            self.services = build_rank0_services(cfg, self.hf_dir, resume.loader_state, resume.rng)
+            self.services = build_rank0_services(cfg, self.hf_dir, resume.loader_state, resume.rng,
+                                                 resume.exposure_state)
 
         on_rank0(build_services, "loading data and verifier")
         # the rollout servers of every node (collective); rank 0 generates through fleet.engine
@@ -178,6 +179,7 @@ class Trainer:
                             "actor/lr": self.optimizer.param_groups[0]["lr"], "perf/step_time_s": step_time,
                             "perf/train_time_s": t_sync - t_train, "perf/weight_sync_s": sync_s,
                             "perf/tokens_per_s": metrics["perf/batch_tokens"] / max(step_time, 1e-9)})
+            self.services.observe_step(metrics)
         return metrics
 
     def _update(self, samples: Sequence[Sample], inputs: dict[int, SampleInputs], sums: MetricSums) -> float:
@@ -208,7 +210,9 @@ class Trainer:
     def save(self, step: int) -> None:
         if not self.cfg.save:
             return
+        exposure = self.services.exposure if self.rank0 else None
         state = {"loader": self.services.loader.state_dict() if self.rank0 else None,
+                 "exposure": exposure.state_dict() if exposure is not None else None,
                  "lambda_schedule": self.lam_schedule.state_dict(), "method": self.cfg.advantage_estimator}
         holder = [state]
         dist.broadcast_object_list(holder, src=0)

@@ -21,7 +21,7 @@ def interrupted_rank(argv: list[str], steps: int) -> None:
     trainer = Trainer(parse_config(argv))
     try:
         for step in range(steps):
-            trainer.metrics.write(step + 1, trainer.step(step))
+            trainer.metrics_writer.write(step + 1, trainer.step(step))
         trainer.save(steps)
     finally:
         trainer.close()

@@ -56,6 +56,8 @@ def run_scoring(tasks: Sequence[ScoreTask], run: ScoreRun) -> list[dict[int, Pos
         out = os.path.join(tmp, "scores.pt")
         parallel.spawn(_score_rank, run.tensor_model_parallel_size * run.pipeline_model_parallel_size,
                        tasks, run, out)
+        # Not a checkpoint: our own child wrote it into a private (0700) temporary directory
+        # this process created, so no outside file is unpickled here.
         return torch.load(out, weights_only=False)
 
 

@@ -45,6 +45,9 @@ def test_no_new_module_hard_codes_cuda():
         if name.startswith("megatron.core") and path and path.endswith(".py"):
             if CUDA_LITERAL.search(open(path, encoding="utf-8").read()):
                 found.add(name)
+    # megatron's experimental MIMO models are never on our path; they appear in sys.modules only
+    # when an earlier test in the same process imported them (the full suite), not from the stack.
+    found = {n for n in found if not n.startswith("megatron.core.models.mimo")}
     assert found - known == set(), f"megatron-core has new hard-coded CUDA uses in {sorted(found - known)}"
     assert known - found == set(), f"stale entries in platform.py: {sorted(known - found)}"
 

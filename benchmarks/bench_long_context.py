@@ -3,7 +3,7 @@
 
 One trainer step (no-grad student+teacher log-prob pass, token advantages, PPO update through
 megatron's schedule, DDP and Adam) on a fixed-token batch from the test harness
-(tests/dist_helpers_long.py: one group of two responses of N tokens, the correct one with its
+(tests/helpers/dist_helpers_long.py: one group of two responses of N tokens, the correct one with its
 teacher row = prompt + peer solution + the same response; no sampling). Tiny Qwen3 with the REAL
 151,936-entry vocabulary, hidden 96, 2 layers (the issue's baseline model), float32.
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from megatron_rlrt import parallel
     from megatron_rlrt.data.generators import reasoning_gym_rows, write_jsonl
-    from tests.dist_helpers_long import long_step_rank
+    from tests.helpers.dist_helpers_long import long_step_rank
     from tools.make_tiny_qwen3 import make_tiny_qwen3
 
     tmp = tempfile.mkdtemp(prefix="bench_long_")

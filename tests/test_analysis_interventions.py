@@ -16,7 +16,7 @@ from tests.test_analysis_tools import _hf_kl, _scores
 
 
 def _register():
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
 
     register_test_rewards()
 

@@ -86,7 +86,7 @@ def test_candidates_and_corpora_against_brute_force():
 @pytest.fixture(scope="module")
 def rollouts(tiny_model, arithmetic_data, tmp_path_factory):
     """evaluate.py's per-problem file: 4 problems x 4 samples, about half 'correct' (hash parity)."""
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
     from tools.evaluate import main
 
     register_test_rewards()

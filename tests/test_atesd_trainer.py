@@ -7,7 +7,7 @@ import pytest
 
 from megatron_rlrt import parallel
 from tests.test_trainer_e2e import _base
-from tests.trainer_helpers import methods_rank, train_rank
+from tests.helpers.trainer_helpers import methods_rank, train_rank
 
 
 def interrupted_rank(argv: list[str], steps: int) -> None:
@@ -15,7 +15,7 @@ def interrupted_rank(argv: list[str], steps: int) -> None:
     an exit: a run killed after that checkpoint."""
     from megatron_rlrt.config import parse_config
     from megatron_rlrt.trainer.trainer import Trainer
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
 
     register_test_rewards()
     trainer = Trainer(parse_config(argv))

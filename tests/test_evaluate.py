@@ -38,7 +38,7 @@ def test_pass_at_k_equals_enumeration_and_stable_product():
 
 
 def _run(argv):
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
     from tools.evaluate import main
 
     register_test_rewards()

@@ -57,7 +57,7 @@ def _long_step_argv(model, data, layout, response_len):
 
 def run_long_step(model, data, tmp_path, layout, world, lengths):
     from megatron_rlrt import parallel
-    from tests.dist_helpers_long import long_step_rank
+    from tests.helpers.dist_helpers_long import long_step_rank
 
     out = tmp_path / f"step-{'-'.join(layout) or 'cp1'}.pt"
     parallel.spawn(long_step_rank, world, _long_step_argv(model, data, layout, lengths[2]), lengths, str(out))
@@ -134,7 +134,7 @@ def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, t
     import json
 
     from megatron_rlrt import parallel
-    from tests.trainer_helpers import train_rank
+    from tests.helpers.trainer_helpers import train_rank
 
     base = ["--hf-checkpoint", tiny_model, "--prompt-data", arithmetic_data, "--reward", "hash_parity",
             "--advantage-estimator", "rlrt", "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_rlrt.ops import build, dispatch, vocab_parallel_logprobs
-from tests.dist_helpers_ops import make_logits, ref_logprobs_entropy
+from tests.helpers.dist_helpers_ops import make_logits, ref_logprobs_entropy
 
 
 @pytest.fixture

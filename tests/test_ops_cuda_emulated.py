@@ -11,7 +11,7 @@ import torch
 
 from megatron_rlrt.algorithms import token_advantages
 from megatron_rlrt.ops import logprobs, reference
-from tests.dist_helpers_ops import cuda_emu_backend, make_logits, ops_impl
+from tests.helpers.dist_helpers_ops import cuda_emu_backend, make_logits, ops_impl
 
 
 @pytest.fixture(scope="module")

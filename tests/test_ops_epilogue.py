@@ -7,7 +7,7 @@ import torch
 
 from megatron_rlrt.algorithms import token_advantages
 from megatron_rlrt.ops import rlrt_epilogue
-from tests.dist_helpers_ops import ops_impl, using
+from tests.helpers.dist_helpers_ops import ops_impl, using
 
 
 @pytest.fixture(params=["cpp", "cuda_emu", "torch"])

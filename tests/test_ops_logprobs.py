@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rlrt.ops import dispatch, fused_linear_logprobs, logprobs, vocab_parallel_logprobs
-from tests.dist_helpers_ops import make_logits, ops_impl, ref_logprobs_entropy, using
+from tests.helpers.dist_helpers_ops import make_logits, ops_impl, ref_logprobs_entropy, using
 
 # cuda_emu: the CUDA kernels' own source under the CPU emulation of the CUDA thread model
 IMPLS = ["cpp", "cuda_emu", "torch"]

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_rlrt import parallel
 from megatron_rlrt.ops import build
-from tests.dist_helpers_ops import cpp_backend, cuda_emu_backend, tp_logprobs_rank
+from tests.helpers.dist_helpers_ops import cpp_backend, cuda_emu_backend, tp_logprobs_rank
 
 pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
 

@@ -10,7 +10,7 @@ import torch
 
 from megatron_rlrt import parallel
 from megatron_rlrt.packing import PackRow, pack_rows, zigzag_chunks, zigzag_index
-from tests.dist_helpers_long import attention_inputs, cp_attention_rank, cp_model_rank, dense_reference_attention
+from tests.helpers.dist_helpers_long import attention_inputs, cp_attention_rank, cp_model_rank, dense_reference_attention
 
 
 @pytest.mark.parametrize("block", [4, 512])
@@ -73,7 +73,7 @@ def test_megatron_packed_forward_at_context_parallel_equals_cp1_and_hf(tiny_mode
 def test_recompute_flags_give_the_same_gradients(tiny_models, tmp_path):
     """--recompute-granularity full (uniform 1 / 2 layers, block 3) and selective: megatron takes its
     checkpointed path (counted) and log-probs and gradients equal the run without recompute."""
-    from tests.dist_helpers_long import recompute_rank
+    from tests.helpers.dist_helpers_long import recompute_rank
 
     g = torch.Generator().manual_seed(4)
     rows = [(torch.randint(0, 151_000, (5,), generator=g).tolist(), torch.randint(0, 151_000, (30,), generator=g).tolist())

@@ -169,7 +169,7 @@ def _null_teacher(tiny_model, tmp_path, dtype):
     import json
 
     from megatron_rlrt import parallel
-    from tests.precision_helpers import null_teacher_rank
+    from tests.helpers.precision_helpers import null_teacher_rank
 
     out = tmp_path / f"null_{dtype}.json"
     parallel.spawn(null_teacher_rank, 1, tiny_model, dtype, str(out), 8, (1, 4), ("same", "context"))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_rlrt import parallel
-from tests.dist_helpers import hf_parity_rank
+from tests.helpers.dist_helpers import hf_parity_rank
 
 pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
 

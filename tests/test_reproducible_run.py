@@ -9,7 +9,7 @@ import json
 import os
 
 from megatron_rlrt import parallel
-from tests.trainer_helpers import train_rank
+from tests.helpers.trainer_helpers import train_rank
 
 TIMING = ("perf/", "time/")
 

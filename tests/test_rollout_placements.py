@@ -1,5 +1,5 @@
 """Whole RL steps through SGLangEngine in every placement, against fake SGLang servers over HTTP
-that enforce what a real server needs (tests/fake_sglang_server.py): colocated on one node,
+that enforce what a real server needs (tests/helpers/fake_sglang_server.py): colocated on one node,
 colocated on two 'nodes' (two torchrun agents, --nnodes 2 on loopback), disaggregated by URL
 (broadcast group), disaggregated behind a router (disk snapshots). After the steps each server's
 rebuilt state dict must equal the trainer's weights, tensor for tensor."""
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_rlrt import parallel
-from tests.fleet_helpers import fleet_rank
+from tests.helpers.fleet_helpers import fleet_rank
 
 pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
 
@@ -120,7 +120,7 @@ class _Fakes:
 
         port = find_free_port(32000 + 10 * len(self.procs))
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, os.path.join(REPO, "tests", "fake_sglang_server.py"), "--port", str(port), *flags]
+        cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "fake_sglang_server.py"), "--port", str(port), *flags]
         proc = ServerProcess(f"fake {port}", cmd, {"OMP_NUM_THREADS": "1"}, str(self.tmp / f"fake{port}.log")).start()
         self.procs.append(proc)
         proc.wait_healthy(url, path="/health", timeout_s=120)
@@ -192,7 +192,7 @@ def test_colocated_two_nodes_on_loopback(tiny_model, arithmetic_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
                                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "tests.fleet_helpers", str(spec)], cwd=REPO, env=env,
+                               "-m", "tests.helpers.fleet_helpers", str(spec)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)

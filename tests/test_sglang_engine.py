@@ -1,4 +1,4 @@
-"""SGLangEngine over real HTTP on loopback against fake SGLang servers (tests/fake_sglang_server.py,
+"""SGLangEngine over real HTTP on loopback against fake SGLang servers (tests/helpers/fake_sglang_server.py,
 separate processes that validate every body against SGLang 0.5.23's recorded field lists):
 generation with n samples and log-probs, retries, re-dispatch of a dead engine's requests, the
 "all engines gone" error, refused payloads, and the three weight-sync paths (disk, distributed
@@ -33,7 +33,7 @@ class FakeServer:
         _NEXT_PORT[0] = self.port + 1
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_sglang_server.py"),
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "fake_sglang_server.py"),
                                       "--port", str(self.port), *flags], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

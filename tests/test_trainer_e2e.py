@@ -7,7 +7,7 @@ import pytest
 
 from megatron_rlrt import parallel
 from megatron_rlrt.algorithms import METHODS as REGISTRY
-from tests.trainer_helpers import methods_rank
+from tests.helpers.trainer_helpers import methods_rank
 
 pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
 
@@ -64,7 +64,7 @@ def test_separate_teacher_weights(tiny_model, arithmetic_data, tmp_path, weights
 
 def test_data_parallel_with_distributed_optimizer_trains_saves_and_resumes(tiny_model, arithmetic_data, tmp_path):
     """DP=2 (samples split across replicas by tokens), ZeRO-1 optimizer, checkpoint + resume."""
-    from tests.trainer_helpers import train_rank
+    from tests.helpers.trainer_helpers import train_rank
 
     run = tmp_path / "run"
     argv = _base(tiny_model, arithmetic_data) + ["--use-distributed-optimizer", "--advantage-estimator", "rlrt",

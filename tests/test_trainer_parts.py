@@ -6,7 +6,7 @@ import pytest
 
 from megatron_rlrt import parallel
 from tests.test_trainer_e2e import _base
-from tests.trainer_helpers import teacher_logprobs_rank, weight_sync_rank
+from tests.helpers.trainer_helpers import teacher_logprobs_rank, weight_sync_rank
 
 pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips it
 
@@ -36,7 +36,7 @@ def test_teacher_logprobs_from_packed_forward_equal_a_teacher_only_forward(tiny_
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
                          ids=["tp2", "pp2"])
 def test_frozen_teacher_for_top_k_distillation(tiny_model, arithmetic_data, tmp_path, layout):
-    from tests.trainer_helpers import frozen_teacher_rank
+    from tests.helpers.trainer_helpers import frozen_teacher_rank
 
     out = tmp_path / "frozen.json"
     argv = _base(tiny_model, arithmetic_data) + layout + ["--advantage-estimator", "sdpo", "--teacher-weights",
@@ -54,7 +54,7 @@ def _metrics(run):
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_model, arithmetic_data, tmp_path):
-    from tests.trainer_helpers import train_rank
+    from tests.helpers.trainer_helpers import train_rank
 
     base = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
                                                  "--save-interval", "2"]
@@ -82,7 +82,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_model, arithmetic_data, tmp_
 
 
 def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_model, arithmetic_data, tmp_path):
-    from tests.trainer_helpers import failing_train_rank
+    from tests.helpers.trainer_helpers import failing_train_rank
 
     run = tmp_path / "run"
     argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "grpo",
@@ -96,7 +96,7 @@ def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_mod
     assert (run / "checkpoints" / "latest").read_text() == "iter_0000001"
     assert sorted(_metrics(run)) == [1]
     # the surviving checkpoint is complete: a new run resumes from it and finishes
-    from tests.trainer_helpers import train_rank
+    from tests.helpers.trainer_helpers import train_rank
 
     parallel.spawn(train_rank, 2, argv)
     assert sorted(_metrics(run)) == [1, 2, 3]
@@ -105,7 +105,7 @@ def test_rollout_failure_stops_every_rank_and_keeps_the_last_checkpoint(tiny_mod
 @pytest.mark.parametrize("teacher", ["current", "initial"])
 def test_reference_kl_uses_the_starting_weights(tiny_model, arithmetic_data, tmp_path, teacher):
     """With --teacher-weights initial, teacher and reference rows share one swapped-in pass."""
-    from tests.trainer_helpers import reference_rank
+    from tests.helpers.trainer_helpers import reference_rank
 
     out = tmp_path / "ref.json"
     argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",
@@ -128,7 +128,7 @@ def test_ref_load_is_the_reference_policy(tiny_model, arithmetic_data, tmp_path,
     at another TP) is the KL reference; its logits equal transformers' for that model."""
     from megatron_rlrt.convert import hf_to_megatron
     from tests.conftest import TINY_CONFIGS
-    from tests.trainer_helpers import reference_rank
+    from tests.helpers.trainer_helpers import reference_rank
     from tools.make_tiny_qwen3 import make_tiny_qwen3
 
     ref_hf = make_tiny_qwen3(str(tmp_path / "ref_hf"), seed=99, **TINY_CONFIGS["tied"])
@@ -151,7 +151,7 @@ def test_ref_load_is_the_reference_policy(tiny_model, arithmetic_data, tmp_path,
 def test_ref_load_errors(tiny_models, tiny_model, arithmetic_data, tmp_path):
     from megatron_rlrt.config import ConfigError, parse_config
     from megatron_rlrt.models.qwen3 import CheckpointError
-    from tests.trainer_helpers import train_rank
+    from tests.helpers.trainer_helpers import train_rank
 
     with pytest.raises(ConfigError, match="--ref-load .* set --kl-coef > 0"):
         parse_config(_base(tiny_model, arithmetic_data) + ["--ref-load", tiny_model]).validate()
@@ -168,7 +168,7 @@ def test_ref_load_errors(tiny_models, tiny_model, arithmetic_data, tmp_path):
 
 
 def test_ema_teacher_is_checkpointed_and_restored(tiny_model, arithmetic_data, tmp_path):
-    from tests.trainer_helpers import ema_teacher_rank, train_rank
+    from tests.helpers.trainer_helpers import ema_teacher_rank, train_rank
 
     run = tmp_path / "run"
     argv = _base(tiny_model, arithmetic_data) + ["--tensor-model-parallel-size", "2", "--advantage-estimator", "rlrt",

@@ -86,7 +86,7 @@ def test_generate_n_samples_with_logprobs(engine):
 
 def test_weight_update_from_megatron_matches_trainer_logprobs(engine, vllm_model, tmp_path):
     from megatron_rlrt import parallel
-    from tests.rollout_helpers import vllm_weight_sync_rank
+    from tests.helpers.rollout_helpers import vllm_weight_sync_rank
 
     out = tmp_path / "sync.json"
     parallel.spawn(vllm_weight_sync_rank, 2, vllm_model, engine.urls[0], 2, str(out), PROMPT)
@@ -107,7 +107,7 @@ def test_trainer_trains_against_the_vllm_server(engine, vllm_model, tmp_path):
     """Issue 6 item 3: the trainer with --rollout-engine vllm --rollout-urls, TP=2, 2 RL steps."""
     from megatron_rlrt import parallel
     from megatron_rlrt.data.generators import reasoning_gym_rows, write_jsonl
-    from tests.trainer_helpers import server_engine_rank
+    from tests.helpers.trainer_helpers import server_engine_rank
 
     data = tmp_path / "train.jsonl"
     write_jsonl(reasoning_gym_rows("chain_sum", size=8, seed=2), str(data))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_rlrt import parallel
-from tests.fleet_helpers import gather_rank
+from tests.helpers.fleet_helpers import gather_rank
 
 
 def test_every_receiver_gets_every_stage(tiny_model, tmp_path):

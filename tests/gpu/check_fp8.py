@@ -83,7 +83,7 @@ def _tiny_model(tmp: str) -> str:
 
 
 def check_null_teacher(tmp: str, recipe: str | None, baseline: dict | None):
-    from tests.precision_helpers import null_teacher_rank
+    from tests.helpers.precision_helpers import null_teacher_rank
 
     _single_rank_env()
     out = os.path.join(tmp, f"null_{recipe or 'bf16'}.json")

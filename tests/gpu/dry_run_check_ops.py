@@ -41,7 +41,7 @@ def main() -> int:
     import check_ops
 
     from megatron_rlrt.ops import dispatch
-    from tests.dist_helpers_ops import cuda_emu_backend
+    from tests.helpers.dist_helpers_ops import cuda_emu_backend
 
     dispatch._INFO = cuda_emu_backend()  # "cuda" = the CUDA kernels, emulated
     check_ops.DEV = torch.device("cpu")

@@ -1,7 +1,7 @@
-"""Whole-step runs of the trainer against fake SGLang servers (tests/fake_sglang_server.py), per rank.
+"""Whole-step runs of the trainer against fake SGLang servers (tests/helpers/fake_sglang_server.py), per rank.
 
 ``fleet_rank`` is what every rank runs (through ``parallel.spawn``, or as ``python -m
-tests.fleet_helpers SPEC.json`` under torchrun for the 2-"node" test): register an ``sglang``
+tests.helpers.fleet_helpers SPEC.json`` under torchrun for the 2-"node" test): register an ``sglang``
 engine that is the real ``SGLangEngine`` except that the server it launches is the enforcing
 fake, train, and record what the servers saw while the trainer was training, then the
 trainer's final weights as HF tensors (rank 0) for the test to compare with what each server
@@ -60,7 +60,7 @@ def fleet_rank(argv: list[str], out_dir: str, sabotage: str = "") -> None:
     ``skip-param`` (one parameter left out of every update), ``cuda-servers`` (the servers'
     weights live on a GPU, the trainer hands them CPU memory). The error is recorded instead."""
     from megatron_rlrt.rollout import fleet, registry, weight_sync
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
 
     register_test_rewards()
     # a 1-rank spawn runs in the test process: everything patched here is put back at the end
@@ -146,7 +146,7 @@ def _run(argv: list[str], out_dir: str, sabotage: str) -> None:
     parallel.destroy(barrier=False)
 
 
-if __name__ == "__main__":  # under torchrun: python -m tests.fleet_helpers SPEC.json
+if __name__ == "__main__":  # under torchrun: python -m tests.helpers.fleet_helpers SPEC.json
     spec = json.load(open(sys.argv[1]))
     torch.set_num_threads(1)
     fleet_rank(spec["argv"], spec["out_dir"], spec.get("sabotage", ""))

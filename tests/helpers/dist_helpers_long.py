@@ -242,7 +242,7 @@ def long_step_rank(argv, lengths, out_path):
 
     from megatron_rlrt.config import parse_config
     from megatron_rlrt.trainer.trainer import Trainer
-    from tests.trainer_helpers import register_test_rewards
+    from tests.helpers.trainer_helpers import register_test_rewards
 
     register_test_rewards()
     trainer = Trainer(parse_config(argv))

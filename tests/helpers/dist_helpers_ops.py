@@ -27,7 +27,7 @@ def cpp_backend() -> dispatch.BackendInfo:
     return dispatch.BackendInfo("cpp", f"test build ({seconds:.0f} s, {build_dir})", module)
 
 
-CUDA_EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
+CUDA_EMU_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_emu")
 
 
 @functools.lru_cache(maxsize=None)

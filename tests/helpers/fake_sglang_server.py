@@ -42,9 +42,10 @@ import sys
 
 from aiohttp import web
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 TAGS = ("weights", "kv_cache")
-API = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sglang_0.5.23_api.json")))
+API = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                "sglang_0.5.23_api.json")))
 
 
 def check_fields(body: dict, struct: str, source: str = "io_struct") -> str | None:

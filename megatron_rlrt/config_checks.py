@@ -85,9 +85,6 @@ def config_problems(cfg, world_size: int | None = None, capability=None) -> list
     need(cfg.tis_clip >= 0, "--tis-clip must be >= 0 (0 disables it)")
     need(cfg.rollout_temperature > 0, "--rollout-temperature must be > 0")
     need(0 < cfg.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-    need(cfg.context_parallel_size == 1 or method is None or not method.uses_distillation,
-         f"--context-parallel-size > 1 with --advantage-estimator {cfg.advantage_estimator}: top-K "
-         "distillation is not split over context-parallel ranks yet (see README limitations)")
     need(cfg.log_probs_max_tokens_per_gpu is None or cfg.log_probs_max_tokens_per_gpu >= 1,
          "--log-probs-max-tokens-per-gpu must be >= 1")
     need(cfg.distill_topk >= 1, "--distill-topk must be >= 1")

@@ -102,6 +102,20 @@ def test_invalid_combinations_name_their_flags(tiny_model, tmp_path):
         parse_config(["--hf-checkpoint", tiny_model]).validate()
 
 
+def test_distillation_methods_validate_with_context_parallelism(tiny_model, tmp_path):
+    """sdpo/srpo/opsd at --context-parallel-size 2 pass the CLI's validation (top-K distillation
+    runs under CP: tests/test_long_context.py::test_distillation_step_at_cp2_equals_cp1)."""
+    from megatron_rlrt.algorithms.methods import METHODS
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2", "solution": "2"}) + "\n")
+    distill = [name for name, spec in METHODS.items() if spec.uses_distillation]
+    assert {"sdpo", "srpo", "opsd"} <= set(distill)
+    for name in distill:
+        parse_config(["--hf-checkpoint", tiny_model, "--prompt-data", str(data), "--advantage-estimator", name,
+                      "--context-parallel-size", "2"]).validate(world_size=2)
+
+
 def _cli(*args, **env):
     return subprocess.run([sys.executable, "-m", "megatron_rlrt.trainer.cli", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})

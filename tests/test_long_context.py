@@ -55,12 +55,13 @@ def _long_step_argv(model, data, layout, response_len):
             "--log-probs-max-tokens-per-gpu", "4096", "--seed", "5"] + layout
 
 
-def run_long_step(model, data, tmp_path, layout, world, lengths):
+def run_long_step(model, data, tmp_path, layout, world, lengths, teacher_for_all=False):
     from megatron_rlrt import parallel
     from tests.helpers.dist_helpers_long import long_step_rank
 
     out = tmp_path / f"step-{'-'.join(layout) or 'cp1'}.pt"
-    parallel.spawn(long_step_rank, world, _long_step_argv(model, data, layout, lengths[2]), lengths, str(out))
+    parallel.spawn(long_step_rank, world, _long_step_argv(model, data, layout, lengths[2]), lengths, str(out),
+                   teacher_for_all)
     return torch.load(out, weights_only=False)
 
 
@@ -77,7 +78,7 @@ def assert_same_step(a, b, grad_rtol=1e-5, grad_norms_only=False):
         worst = max(((a["grads"][n] - b["grads"][n]).norm() / b["grads"][n].norm().clamp_min(1e-30)).item()
                     for n in b["grads"])
     assert worst < grad_rtol, worst
-    for key in ("loss/pg", "actor/grad_norm", "rlrt/weight_mean"):
+    for key in ("loss/pg", "loss/distill", "actor/grad_norm", "rlrt/weight_mean"):
         if key in b["metrics"]:
             assert abs(a["metrics"][key] - b["metrics"][key]) <= 1e-5 * max(1.0, abs(b["metrics"][key])), key
 
@@ -152,3 +153,42 @@ def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, t
         for key, value in one.items():
             if key.startswith(("loss/", "actor/", "rlrt/", "reward/", "response/")) and isinstance(value, float):
                 assert abs(two[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, two[key])
+
+
+def test_cp_split_puts_teacher_tokens_on_another_rank_than_their_student_source(monkeypatch):
+    """Why distillation under CP needs the gathered columns: with zigzag chunks, the student position
+    a teacher position reads its top-K ids from often sits on the other CP rank."""
+    from megatron_rlrt.packing import PackRow
+    from megatron_rlrt.trainer import model_step
+
+    rows = [PackRow([1] * 13, [2] * 61, "student", 0), PackRow([1] * 34, [2] * 61, "teacher", 0)]
+    owner = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(model_step, "_cp", lambda rank=rank: (2, rank))
+        mb = model_step.build_microbatch(rows, model_step.StepOptions(topk=4))
+        owner.update({int(c): rank for c in mb.cp.slots})
+        src = mb.teacher_src
+    teacher_cols = (src >= 0).nonzero()[:, 0].tolist()
+    assert len(teacher_cols) == 61 and sorted(owner) == list(range(len(src)))
+    crossing = sum(owner[c] != owner[int(src[c])] for c in teacher_cols)
+    assert 0 < crossing < 61
+
+
+def test_distillation_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
+    """Top-K distillation (sdpo: teacher rows for both samples, scored at the policy's top-K ids of
+    the matching student position, which may sit on the other CP rank) as a whole trainer step:
+    CP=2 picks the same top-K ids as CP=1, and its log-probs, teacher top-K log-probs (1e-5),
+    gradients (1e-5 relative) and distillation loss equal CP=1's (the loss, a JSD of two nearly
+    equal distributions, is ~1.7e-7 here: compared on assert_same_step's absolute scale; the
+    gradients carry the relative check)."""
+    lengths = (13, 21, 61)
+    method = ["--advantage-estimator", "sdpo", "--distill-topk", "8"]
+    one = run_long_step(tiny_model, arithmetic_data, tmp_path, method, 1, lengths, teacher_for_all=True)
+    two = run_long_step(tiny_model, arithmetic_data, tmp_path, method + ["--context-parallel-size", "2"], 2,
+                        lengths, teacher_for_all=True)
+    assert sorted(one["teacher"]) == [0, 1] and one["metrics"]["loss/distill"] != 0
+    assert_same_step(two, one)
+    for i in (0, 1):
+        assert two["student_topk_ids"][i] == one["student_topk_ids"][i]
+        x, y = torch.tensor(two["teacher_topk"][i]), torch.tensor(one["teacher_topk"][i])
+        assert x.shape == (61, 8) and (x - y).abs().max() < 1e-5

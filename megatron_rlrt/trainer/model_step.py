@@ -25,7 +25,10 @@ token are paired even when its student and teacher rows sit in different chunks 
 the same loss; only its own tokens carry gradient, megatron's DDP sums gradients over DP x CP,
 and the token count is reported by CP rank 0 alone, so the divisor is the global count once
 (NeMo-RL / verl's design rather than slime's local loss: advantages, RLRT weights and metrics
-read whole rows, and nothing downstream needs to know about CP).
+read whole rows, and nothing downstream needs to know about CP). Top-K distillation works the
+same way: the top-K ids and log-probs are columns like the others; in the shared student+teacher
+pass a teacher position reads its ids from the gathered columns of its student position (often on
+the other CP rank), then its columns are gathered again.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class MicroBatch:
     packed: PackedBatch
     request: LogprobRequest
     # distillation: for each label position, the label position of the same response token in
-    # the sample's student row (whose top-K ids the teacher is read at); -1 for student rows
+    # the sample's student row (whose top-K ids the teacher is read at); -1 for student rows.
+    # Indexes all label positions (output columns), also with CP.
     teacher_src: torch.Tensor | None = None
     # the packed position of every output column, in column order (all label positions, sorted)
     label_positions: torch.Tensor | None = None
@@ -141,8 +145,6 @@ def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int,
     split = None
     request_positions = positions
     if cp_size > 1:
-        if opts.topk:
-            raise ValueError("top-K distillation with --context-parallel-size > 1 is not supported")
         column = torch.full((packed.num_tokens,), -1, dtype=torch.long)
         column[positions] = torch.arange(len(positions))
         per_rank = []
@@ -153,6 +155,8 @@ def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int,
         local_index, request_positions, slots = per_rank[cp_rank]
         split = CpSplit(local_index, slots, [len(p[2]) for p in per_rank], torch.cat([p[2] for p in per_rank]))
         targets = targets[slots]
+        if ids is not None:  # the top-K ids of this rank's rows (chosen in collect over whole rows)
+            ids = ids[slots]
     request = LogprobRequest(request_positions, targets, opts.temperature, opts.with_entropy, opts.topk, ids)
     teacher_src = None
     if opts.topk and topk_ids is None and packed.teacher_index.numel():
@@ -188,11 +192,16 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
     selected = hidden[req.positions]
     cols = logprob_columns(selected, weight, req, config.sequence_parallel)
     if context.teacher_src is not None:
-        # teacher rows are scored at the top-K ids of the matching student position
+        # teacher rows are scored at the top-K ids of the matching student position; with CP that
+        # position may sit on another CP rank: read the ids from the gathered columns (no-grad pass)
         layout = ColumnLayout.of(req)
-        is_teacher = context.teacher_src >= 0
-        ids = cols[:, layout.topk_ids].long()
-        t_ids = ids[context.teacher_src[is_teacher]]
+        if context.cp is None:
+            src, all_cols = context.teacher_src, cols
+        else:
+            src = context.teacher_src[context.cp.slots.to(cols.device)]
+            all_cols = gather_columns_over_cp(cols, context.cp)
+        is_teacher = src >= 0
+        t_ids = all_cols[src[is_teacher], layout.topk_ids].long()
         t_req = LogprobRequest(req.positions[is_teacher], req.targets[is_teacher], req.temperature,
                                req.with_entropy, req.topk, t_ids)
         t_cols = logprob_columns(selected[is_teacher], weight, t_req, config.sequence_parallel)

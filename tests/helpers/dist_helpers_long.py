@@ -213,10 +213,12 @@ def recompute_rank(hf_dir, rows, out_path):
     parallel.destroy()
 
 
-def fixed_rlrt_batch(prompt_len: int, peer_len: int, response_len: int, vocab: int = 151_000, seed: int = 0):
+def fixed_rlrt_batch(prompt_len: int, peer_len: int, response_len: int, vocab: int = 151_000, seed: int = 0,
+                     teacher_for_all: bool = False):
     """A rollout batch of fixed token ids (no sampling): one group of two responses of
     ``response_len`` tokens, the first correct (with its teacher row: prompt + a peer solution +
-    the same response), the second wrong."""
+    the same response), the second wrong (with a teacher row too if ``teacher_for_all``, as the
+    distillation methods build them)."""
     from megatron_rlrt.trainer.rollout_batch import RolloutBatch, Sample
 
     g = torch.Generator().manual_seed(seed)
@@ -227,12 +229,13 @@ def fixed_rlrt_batch(prompt_len: int, peer_len: int, response_len: int, vocab: i
     prompt, peer = ids(prompt_len), ids(peer_len)
     responses = [ids(response_len), ids(response_len)]
     samples = [Sample(0, 0, prompt, responses[0], [-1.0] * response_len, 1.0, True, 1.0, prompt + peer),
-               Sample(1, 0, prompt, responses[1], [-1.0] * response_len, 0.0, False, -1.0, None)]
+               Sample(1, 0, prompt, responses[1], [-1.0] * response_len, 0.0, False, -1.0,
+                      prompt + peer if teacher_for_all else None)]
     tokens = 2 * (prompt_len + response_len) + prompt_len + peer_len + response_len
     return RolloutBatch(samples, 2, {"reward/mean": 0.5, "perf/batch_tokens": float(tokens)})
 
 
-def long_step_rank(argv, lengths, out_path):
+def long_step_rank(argv, lengths, out_path, teacher_for_all=False):
     """One full RLRT step (no-grad student+teacher pass, token advantages, PPO update) of the
     trainer on a fixed-token batch; rank 0 saves the collected log-probs, the gradients (after
     megatron's DP x CP reduction, before Adam) gathered over TP, the step metrics and the peak RSS
@@ -246,7 +249,7 @@ def long_step_rank(argv, lengths, out_path):
 
     register_test_rewards()
     trainer = Trainer(parse_config(argv))
-    batch = fixed_rlrt_batch(*lengths)
+    batch = fixed_rlrt_batch(*lengths, teacher_for_all=teacher_for_all)
     trainer.make_batch = lambda step=0: batch
     record = {}
     collect = trainer.score
@@ -255,6 +258,9 @@ def long_step_rank(argv, lengths, out_path):
         out = collect(samples)
         record["student"] = {i: v.tolist() for i, v in out.student_logprobs.items()}
         record["teacher"] = {i: v.tolist() for i, v in out.teacher_logprobs.items()}
+        if out.student_topk_ids:  # top-K distillation: the policy's ids and the teacher at them
+            record["student_topk_ids"] = {i: v.tolist() for i, v in out.student_topk_ids.items()}
+            record["teacher_topk"] = {i: v.tolist() for i, v in out.teacher_topk_logprobs.items()}
         return out
 
     trainer.score = recording_collect

@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action="append",
                    help="jsonl/parquet prompt file(s) with integer answers (repeatable)")
     p.add_argument("--output-dir", required=True, help="where to write the warmed-up checkpoint")
-    p.add_argument("--wrong-fraction", type=float, default=0.5, help="fraction of rows with a wrong answer")
+    p.add_argument("--task", choices=("add", "strategies"), default="add",
+                   help="add: the quickstart's 'Let me add.' / 'Let me guess.' responses (integer answers); "
+                        "strategies: the fidelity study's three-term additions written out by named strategies "
+                        "(megatron_rlrt/data/strategy_task.py), with teacher-view rows (--teacher-fraction)")
+    p.add_argument("--wrong-fraction", type=float, default=0.5, help="fraction of rows with a wrong answer (--task add)")
+    p.add_argument("--teacher-fraction", type=float, default=0.5,
+                   help="--task strategies: fraction of rows that are teacher views (the trainer's teacher prompt "
+                        "with a correct peer solution or the reference answer as context, a correct response)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="rows per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine decay to 10%%)")
@@ -63,6 +70,7 @@ class Responses:
         self.answers = [int(s.answer) for s in samples]
         self.values = list(range(min(self.answers) - 3, max(self.answers) + 4))
         self.wrong_fraction = wrong_fraction
+        self.correct_fraction = 1 - wrong_fraction
         self._cache: dict[str, list[int]] = {}
 
     def _ids(self, text: str) -> list[int]:
@@ -97,9 +105,12 @@ def train(args) -> dict:
     tok = load_tokenizer(args.hf_dir)
     ds = PromptDataset.from_config(DataConfig(path=args.data, template=TemplateConfig(enable_thinking=args.enable_thinking)), tok)
     try:
-        responses = Responses(list(ds), tok, args.wrong_fraction)
+        if args.task == "strategies":
+            responses = StrategyResponses(list(ds), tok, args.teacher_fraction, args.enable_thinking)
+        else:
+            responses = Responses(list(ds), tok, args.wrong_fraction)
     except ValueError as exc:
-        raise SystemExit(f"error: --data rows need integer answers ({exc})")
+        raise SystemExit(f"error: --data rows do not fit --task {args.task} ({exc})")
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     if not model.config.tie_word_embeddings:
         raise SystemExit("error: warm-up SFT expects tied embeddings (make_tiny_qwen3.py --tied)")
@@ -138,7 +149,78 @@ def train(args) -> dict:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.perf_counter() - start,
-            "rows": len(responses.prompts), "correct_fraction": 1 - args.wrong_fraction}
+            "rows": len(responses.prompts), "correct_fraction": responses.correct_fraction}
+
+
+class StrategyResponses:
+    """The fidelity study's warm-up rows (``megatron_rlrt.data.strategy_task``): student rows
+    answer the plain prompt with a strategy drawn from STUDENT_MIX (right or wrong); teacher
+    rows (``teacher_fraction``) answer the trainer's own teacher prompt -- rendered by
+    ``algorithms.teacher.render_teacher_prompt`` with its default template -- whose context is
+    a correct peer solution or the bare reference answer, always correctly."""
+
+    def __init__(self, samples, tokenizer, teacher_fraction: float, enable_thinking: bool):
+        from megatron_rlrt.data import strategy_task as task
+
+        self.task = task
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.tok = tokenizer
+        self.samples = samples
+        self.prompts = [list(s.prompt_ids) for s in samples]
+        self.terms = [task.terms_of(s.prompt_text) for s in samples]
+        self.teacher_fraction = teacher_fraction
+        self.enable_thinking = enable_thinking
+        self.correct_fraction = (1 - teacher_fraction) * sum(task.STUDENT_MIX[k] for k in task.CORRECT) + teacher_fraction
+        self._cache: dict[str, list[int]] = {}
+        self._teacher_cache: dict[tuple[int, str], list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+        return self._cache[text]
+
+    def _teacher_prompt(self, i: int, context: str) -> list[int]:
+        from megatron_rlrt.algorithms.teacher import DEFAULT_TEMPLATE, render_teacher_prompt
+
+        key = (i, context)
+        if key not in self._teacher_cache:
+            self._teacher_cache[key] = render_teacher_prompt(self.tok, self.samples[i].messages, context,
+                                                             DEFAULT_TEMPLATE, self.enable_thinking)
+        return self._teacher_cache[key]
+
+    def draw(self, i: int, rng: random.Random) -> tuple[list[int], list[int], bool]:
+        if rng.random() < self.teacher_fraction:
+            context, _, text = self.task.teacher_example(self.terms[i], rng)
+            return self._teacher_prompt(i, context), self._ids(text), True
+        strategy, text = self.task.student_response(self.terms[i], rng)
+        return self.prompts[i], self._ids(text), strategy in self.task.CORRECT
+
+    def vocabulary(self) -> tuple[set[int], set[int]]:
+        """Every token a (student or teacher) prompt or a response can contain; every response token."""
+        task = self.task
+        response: set[int] = set()
+        used: set[int] = set()
+        for i, terms in enumerate(self.terms):
+            texts = [task.render(k, terms) for k in task.CORRECT + ("first_two",)]
+            s = sum(terms)
+            texts += [task.render("estimate", terms, _Fixed(g - s)) for g in range(max(0, s - 3), s + 4) if g != s]
+            for text in texts:
+                response.update(self._ids(text))
+            for context in task.CORRECT:
+                used.update(self._teacher_prompt(i, task.render(context, terms)))
+            used.update(self._teacher_prompt(i, str(s)))
+        used |= {t for p in self.prompts for t in p}
+        return used | response, response
+
+
+class _Fixed:
+    """A stand-in rng whose choice() returns one value (to enumerate the estimate strategy's answers)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def choice(self, _):
+        return self.value
 
 
 class _UsedVocab:

@@ -81,11 +81,12 @@ def _colocated_cycle(state: dict) -> None:
 
 
 def test_colocated_one_node(tiny_model, arithmetic_data, tmp_path):
-    """2 ranks (PP=2: rank 0 gathers stage 1's tensors) share 'the node' with one server; the
-    tensor transport hands the server shared CPU memory; the server is released while training."""
+    """2 ranks (PP=2: each gathers the other stage's tensors) share 'the node' (2 'GPUs',
+    LOCAL_WORLD_SIZE=2) with one TP=2 server; its TP rank i maps the shared CPU memory of the rank
+    on 'GPU' i only; the server is released while training."""
     out = tmp_path / "out"
-    parallel.spawn(fleet_rank, 2, _argv(tiny_model, arithmetic_data, "--colocate",
-                                         "--pipeline-model-parallel-size", "2"), str(out))
+    parallel.spawn(fleet_rank, 2, _argv(tiny_model, arithmetic_data, "--colocate", "--rollout-num-gpus-per-engine",
+                                         "2", "--pipeline-model-parallel-size", "2"), str(out))
     r = _result(out)
     assert r["error"] is None and len(r["steps"]) == STEPS and r["version"] == STEPS
     assert all(m["actor/grad_norm"] > 0 for m in r["steps"])
@@ -95,7 +96,9 @@ def test_colocated_one_node(tiny_model, arithmetic_data, tmp_path):
     _check_updates(state, STEPS + 1)
     _colocated_cycle(state)
     assert "update_weights_from_tensor" in state["calls"]
-    assert state["shm_senders"] == [r["ranks"][0]["pid"]]  # rank 0's memory, shared, not copied
+    pids = [rank["pid"] for rank in r["ranks"]]
+    # TP rank i read only the shared memory of the training rank on its GPU i (not copied)
+    assert state["senders_by_tp_rank"] == {"0": [pids[0]], "1": [pids[1]]}, (state["senders_by_tp_rank"], pids)
     _check_weights(out, 1, tiny_model)
 
 
@@ -109,6 +112,16 @@ def test_colocated_step_fails_when_a_rule_is_broken(tiny_model, arithmetic_data,
     parallel.spawn(fleet_rank, 1, _argv(tiny_model, arithmetic_data, "--colocate"), str(out), sabotage)
     r = _result(out)
     assert r["error"] is not None and expected in r["error"], r["error"]
+
+
+def test_colocated_handles_must_come_from_each_engine_ranks_own_gpu(tiny_model, arithmetic_data, tmp_path):
+    """Local rank 0's handle sent to every TP rank of a TP=2 server (the layout before per-rank
+    handles) is refused: TP rank 1 must map the memory of the rank on its own GPU."""
+    out = tmp_path / "out"
+    parallel.spawn(fleet_rank, 2, _argv(tiny_model, arithmetic_data, "--colocate", "--rollout-num-gpus-per-engine",
+                                         "2", "--tensor-model-parallel-size", "2"), str(out), "one-sender")
+    r = _result(out)
+    assert r["error"] is not None and "TP rank 1 (GPU 1) got shared memory of pid(s)" in r["error"], r["error"]
 
 
 class _Fakes:

@@ -11,9 +11,12 @@ Placement:
 
 - colocated server engines (``--colocate``, no ``--rollout-urls``): every node's local rank 0
   launches the servers for its node's GPUs; the addresses are gathered over torch.distributed;
-  rank 0 dispatches prompts over all of them; each node's servers get the new weights from that
-  node's local rank 0 (the tensor transport hands out handles of memory on that node; no
-  cross-node IPC). The servers start released: the first ``refresh`` resumes them.
+  rank 0 dispatches prompts over all of them. The servers span the node's training GPUs
+  (``LOCAL_WORLD_SIZE``, ``colocated_num_gpus``). Each node's servers get the new weights from
+  that node's ranks: with the tensor transport every rank of the node holds each bucket on its
+  own GPU and engine TP rank i gets the handle of the rank on its GPU i (``NodePeers``: local
+  rank 0 gathers the handles and posts); no IPC crosses a node or a GPU. The servers start
+  released: the first ``refresh`` resumes them.
 - everything else (disaggregated servers given by URL or behind a router, the in-process ``hf``
   engine): one engine on rank 0, which also sends the weights.
 """
@@ -39,6 +42,32 @@ def node_layout() -> tuple[int, int, int]:
     return node, local_rank, local_world
 
 
+def colocated_num_gpus(gpus_per_engine: int, local_world_size: int | None = None,
+                       visible_gpus: int | None = -1) -> int:
+    """How many GPUs of this node the colocated servers span: the node's training GPUs, i.e.
+    torchrun's ``LOCAL_WORLD_SIZE`` (one rank per GPU), not every visible GPU (a job on 4 of 8
+    GPUs must not put servers on the other 4). ``visible_gpus``: GPUs this process sees
+    (default: ``torch.cuda.device_count()``, None on a CPU, where each rank stands for a GPU).
+    Raises ValueError naming the flags when the layout cannot work."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if visible_gpus == -1:
+        visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    gpus_per_engine = int(gpus_per_engine)
+    if local_world_size < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={local_world_size}: expected the number of training ranks on this node")
+    if visible_gpus is not None and visible_gpus < local_world_size:
+        raise ValueError(
+            f"--colocate: this node runs LOCAL_WORLD_SIZE={local_world_size} training ranks (torchrun --nproc-per-node) "
+            f"but only {visible_gpus} GPU(s) are visible (CUDA_VISIBLE_DEVICES): colocation needs one GPU per rank")
+    if gpus_per_engine < 1 or local_world_size % gpus_per_engine:
+        raise ValueError(
+            f"--colocate: the servers share this node's {local_world_size} training GPUs (LOCAL_WORLD_SIZE, torchrun "
+            f"--nproc-per-node); --rollout-num-gpus-per-engine {gpus_per_engine} must divide {local_world_size} (each "
+            f"server's TP ranks sit on the GPUs of training ranks of this node)")
+    return local_world_size
+
+
 def weight_device(engine) -> torch.device:
     """Where the gathered tensors must be for this engine's transport (CPU for engines that take
     HF tensors themselves: hf, vllm)."""
@@ -48,11 +77,17 @@ def weight_device(engine) -> torch.device:
 
 class RolloutFleet:
     """See the module docstring. ``engine``: rank 0's engine over every server (None elsewhere);
-    ``local``: the engine this rank sends weights to (None on ranks that send none)."""
+    ``local``: the engine this rank sends weights to (None on ranks that send none); ``peer``: on
+    the other ranks of a node whose servers take tensor handles, this rank's own
+    ``TensorTransport`` (every rank hands its own GPU's copy to the engine ranks on that GPU);
+    ``receivers``: the ranks the weights are gathered onto."""
 
     def __init__(self, engine, local, senders: Sequence[int], colocated: bool, urls_by_node: list[list[str]],
-                 bucket_bytes: int, local_urls: Sequence[str] = ()):
+                 bucket_bytes: int, local_urls: Sequence[str] = (), peer=None, receivers: Sequence[int] | None = None,
+                 quantization: str | None = None):
         self.engine, self.local, self.senders = engine, local, list(senders)
+        self.peer, self.quantization = peer, quantization
+        self.receivers = sorted(receivers) if receivers is not None else list(self.senders)
         self.local_urls = list(local_urls)  # the servers this rank sends weights to, as others reach them
         self.colocated, self.urls_by_node, self.bucket_bytes = colocated, urls_by_node, int(bucket_bytes)
 
@@ -86,6 +121,16 @@ class RolloutFleet:
         by_node = {n: u for n, u in gathered if u is not None}
         urls_by_node = [by_node[n] for n in sorted(by_node)]
         senders = [r for r, (n, u) in enumerate(gathered) if u is not None]
+        peers, receivers = _node_peers(node, local_rank, local)
+        peer = None
+        if peers is not None:
+            if local is not None:
+                local.transport.peers = peers
+            else:
+                from megatron_rlrt.rollout.weight_transport import TensorTransport
+
+                peer = TensorTransport()
+                peer.peers = peers
         engine = None
         if rank == 0:
             if len(urls_by_node) == 1:
@@ -94,7 +139,8 @@ class RolloutFleet:
                 every = ",".join(u for urls in urls_by_node for u in urls)
                 engine, error = _build(factory, replace(cfg, rollout_urls=every), hf_dir, tokenizer)
         _agree(error if rank == 0 and len(urls_by_node) > 1 else None, "connecting to every node's servers")
-        return cls(engine, local, senders, True, urls_by_node, cfg.update_weight_buffer_size, urls or [])
+        return cls(engine, local, senders, True, urls_by_node, cfg.update_weight_buffer_size, urls or [], peer,
+                   sorted(set(senders) | set(receivers)), cfg.rollout_quantization)
 
     # --- the step -------------------------------------------------------------------------
 
@@ -114,12 +160,23 @@ class RolloutFleet:
                 self.local.resume_memory([WEIGHTS])
             except Exception as exc:  # noqa: BLE001 - agreed on below, after the collective
                 error = f"{type(exc).__name__}: {exc}"
-        device = weight_device(self.local) if sender else torch.device("cpu")
-        stream = gather_hf_weights(chunks, spec, self.senders, device)
+        device = weight_device(self.local) if sender else (self.peer.device if self.peer else torch.device("cpu"))
+        stream = gather_hf_weights(chunks, spec, self.receivers, device)
+        buckets = iter_weight_buckets(stream, self.bucket_bytes)
         if sender and error is None:
             try:
-                self.local.update_weights(iter_weight_buckets(stream, self.bucket_bytes), version)
+                self.local.update_weights(buckets, version)
                 self.local.resume_memory([KV_CACHE])
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+        elif sender and getattr(getattr(self.local, "transport", None), "peers", None) is not None:
+            try:  # the node's other ranks wait for this rank's per-bucket answers: tell them
+                self.local.transport.exchange(buckets, None, error=error)
+            except Exception:  # noqa: BLE001 - the error is already recorded
+                pass
+        elif self.peer is not None:
+            try:
+                self.peer.exchange(self._outgoing(buckets))
             except Exception as exc:  # noqa: BLE001
                 error = f"{type(exc).__name__}: {exc}"
         for _ in stream:  # the rest of the collective, whatever happened above
@@ -129,6 +186,14 @@ class RolloutFleet:
             self.engine.note_version(version)
         return time.perf_counter() - t0
 
+    def _outgoing(self, buckets):
+        """The buckets as the servers hold the weights (what the sender's engine does to its own)."""
+        if self.quantization != "fp8":
+            return buckets
+        from megatron_rlrt.rollout.fp8_weights import quantize_buckets
+
+        return quantize_buckets(buckets)
+
     def release(self) -> None:
         """Rank 0, after generating: free the servers' weights and KV cache for training."""
         if self.colocated and self.engine is not None:
@@ -137,6 +202,30 @@ class RolloutFleet:
     def shutdown(self) -> None:
         for engine in {id(e): e for e in (self.engine, self.local) if e is not None}.values():
             engine.shutdown()
+
+
+def _node_peers(node: int, local_rank: int, local):
+    """Collective. For every node whose local rank 0 drives servers through the tensor transport:
+    a gloo group over that node's ranks in local-rank order (rank i trains on GPU i). Returns
+    (this rank's NodePeers or None, every rank that must receive the gathered weights)."""
+    from megatron_rlrt.rollout.weight_transport import NodePeers, TensorTransport
+
+    wide = isinstance(getattr(local, "transport", None), TensorTransport)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (node, local_rank, wide))
+    mine, receivers = None, []
+    for n in sorted({e[0] for e in every}):
+        ranks = sorted((r for r, e in enumerate(every) if e[0] == n), key=lambda r: every[r][1])
+        if not any(every[r][2] for r in ranks):
+            continue
+        local_ranks = [every[r][1] for r in ranks]
+        if local_ranks != list(range(len(ranks))):
+            raise RolloutError(f"node {n}: local ranks {local_ranks}, expected 0..{len(ranks) - 1} (one per GPU)")
+        group = dist.new_group(ranks, backend="gloo")  # every rank creates every group, in the same order
+        receivers += ranks
+        if node == n:
+            mine = NodePeers(group, ranks)
+    return mine, receivers
 
 
 def _release_all(engine) -> str | None:

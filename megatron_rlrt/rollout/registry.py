@@ -25,7 +25,14 @@ def _hf(cfg, hf_dir: str, tokenizer) -> RolloutEngine:
 
 
 def _server_kwargs(cfg, hf_dir: str) -> dict:
-    return dict(model_path=cfg.rollout_model_path or hf_dir, rollout_urls=cfg.rollout_urls, colocate=cfg.colocate,
+    launch_colocated = cfg.colocate and not cfg.rollout_urls
+    if launch_colocated:  # the servers span this node's training GPUs (torchrun's LOCAL_WORLD_SIZE)
+        from megatron_rlrt.rollout.fleet import colocated_num_gpus
+
+        gpus = dict(rollout_num_gpus=colocated_num_gpus(cfg.rollout_num_gpus_per_engine))
+    else:
+        gpus = {}
+    return dict(**gpus, model_path=cfg.rollout_model_path or hf_dir, rollout_urls=cfg.rollout_urls, colocate=cfg.colocate,
                 rollout_num_gpus_per_engine=cfg.rollout_num_gpus_per_engine,
                 update_weight_buffer_size=cfg.update_weight_buffer_size, seed=cfg.seed, progress=cfg.progress,
                 quantization=cfg.rollout_quantization, weight_sync_dir=cfg.weight_sync_dir,

@@ -302,13 +302,28 @@ class SGLangEngine(ServerEngineBase):
         self.weight_version = int(version)
         self._version_known = True
 
-    def post_tensor_bucket(self, serialized: str, version: int) -> None:
-        """``/update_weights_from_tensor``: one copy of the serialized bucket per engine TP rank."""
+    def post_tensor_bucket(self, handles: Sequence[str], version: int) -> None:
+        """``/update_weights_from_tensor`` on every live engine. ``handles[d]``: the bucket as
+        serialized by the training process on this node's GPU ``d``; engine TP rank ``i`` gets the
+        one of its own GPU ``i`` (SGLang deserializes ``serialized_named_tensors[tp_rank]`` on that
+        rank). One handle (a single sender process) goes to every TP rank."""
         urls = self.live_urls()
-        payloads = [sp.UpdateWeightsFromTensorRequest(serialized_named_tensors=[serialized] * self.engine_tp_size(u),
+        payloads = [sp.UpdateWeightsFromTensorRequest(serialized_named_tensors=self._handles_for(u, handles),
                                                       weight_version=str(version)).to_json() for u in urls]
         self._control("POST", sp.path("update_weights_from_tensor"), urls=urls, payloads=payloads,
                       what="update_weights_from_tensor")
+
+    def _handles_for(self, url: str, handles: Sequence[str]) -> list[str]:
+        tp = self.engine_tp_size(url)
+        if len(handles) == 1:
+            return [handles[0]] * tp
+        placement = next((p for p in self.placements if p.url == url), None)
+        if placement is None:
+            raise RolloutError(f"per-GPU weight handles for {url}: only servers this engine launched have known GPUs")
+        if placement.gpu_ids[-1] >= len(handles):
+            raise RolloutError(f"engine {url} runs on GPUs {list(placement.gpu_ids)} but only {len(handles)} "
+                               f"training ranks of this node sent weight handles")
+        return [handles[g] for g in placement.gpu_ids]
 
     def post_update_from_disk(self, snapshot: str, version: int) -> None:
         payload = sp.UpdateWeightFromDiskRequest(model_path=snapshot, weight_version=str(version)).to_json()

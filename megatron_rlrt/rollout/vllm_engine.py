@@ -22,7 +22,11 @@ CUDA ``vllm`` wheel), read from the installed package:
   vLLM's NCCL / CUDA-IPC weight-transfer engines (``/init_weight_transfer_engine``,
   ``/update_weights``) need CUDA and are not used here (see docs/rollout_engines.md).
 - colocated memory: ``POST /sleep?level=1`` / ``POST /wake_up`` (server needs
-  ``--enable-sleep-mode``; a no-op with a warning on CPU).
+  ``--enable-sleep-mode``). vLLM's CPU build has no sleep mode (``vllm/config/model.py``:
+  ``--enable-sleep-mode`` raises "Sleep mode is not supported on current platform." unless the
+  platform is CUDA/ROCm/XPU, ``Platform.is_sleep_mode_available``; ``CPUWorker.sleep`` /
+  ``wake_up`` only log "sleep mode is not supported on CPU, ignore it."), so colocated vLLM
+  without CUDA is refused at construction instead of keeping its memory while the trainer trains.
 
 Failure behaviour: as every server engine (``server_engine`` and ``http_client`` module docs).
 """
@@ -146,6 +150,11 @@ class VLLMEngine(ServerEngineBase):
                  gpu_memory_utilization: float | None = None, served_model_name: str | None = None,
                  extra_server_args: Sequence[str] = (), server_env: dict | None = None,
                  python: str | None = None, **kwargs):
+        if colocate and not torch.cuda.is_available():
+            raise ValueError(
+                "vllm --colocate needs CUDA: vLLM's CPU build has no sleep mode (it refuses --enable-sleep-mode and "
+                "its CPU worker ignores /sleep), so colocated servers could not free their memory for training. "
+                "On a CPU run vLLM disaggregated (--rollout-urls, or without --colocate) or use --rollout-engine hf.")
         self.dtype, self.max_model_len, self.logprobs_mode = dtype, max_model_len, logprobs_mode
         self.gpu_memory_utilization = gpu_memory_utilization
         self.served_model_name = served_model_name
@@ -160,7 +169,7 @@ class VLLMEngine(ServerEngineBase):
     def _server_command(self, placement: EnginePlacement) -> tuple[list[str], dict]:
         cmd = vllm_server_command(
             self.model_path, placement, python=self.python, dtype=self.dtype, max_model_len=self.max_model_len,
-            seed=self.seed, logprobs_mode=self.logprobs_mode, enable_sleep_mode=self.colocate and torch.cuda.is_available(),
+            seed=self.seed, logprobs_mode=self.logprobs_mode, enable_sleep_mode=self.colocate,
             gpu_memory_utilization=self.gpu_memory_utilization, served_model_name=self.served_model_name,
             quantization=self.quantization, extra_args=self.extra_server_args)
         cmd += ["--worker-extension-cls", WORKER_EXTENSION]
@@ -239,12 +248,8 @@ class VLLMEngine(ServerEngineBase):
         return {r.url: (r.body or {}).get("weight_version") for r in self._control("GET", "/weight_info")}
 
     def _sleep_mode(self) -> bool:
-        """Colocated servers sleep while the trainer trains; vLLM's CPU build has no sleep mode
-        (launched without ``--enable-sleep-mode``), so there it stays awake."""
-        if self.colocate and not torch.cuda.is_available() and not getattr(self, "_warned_sleep", False):
-            logger.warning("vllm: no sleep mode on CPU; colocated servers keep their memory")
-            self._warned_sleep = True
-        return self.colocate and torch.cuda.is_available()
+        """Colocated servers sleep while the trainer trains (colocated means CUDA: see __init__)."""
+        return self.colocate
 
     def release_memory(self, tags=None) -> None:
         """Colocated: ``/sleep?level=1`` (weights offloaded to CPU, KV cache dropped; vLLM's sleep

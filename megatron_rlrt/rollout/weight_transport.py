@@ -8,9 +8,10 @@ update_weight/``):
 - ``tensor`` (colocated): the servers map the trainer's own memory. Each bucket is flattened on
   the training device and pickled with torch's multiprocessing reductions (SGLang's
   ``MultiprocessingSerializer``): CUDA tensors travel as CUDA IPC handles, CPU tensors as
-  shared-memory file names (the ``file_system`` sharing strategy), never as bytes. The sender
-  must be on the servers' node, so in a multi-node colocated job every node's local rank 0
-  sends to its own node's servers (``rollout/fleet.py``).
+  shared-memory file names (the ``file_system`` sharing strategy), never as bytes. Every
+  training rank of a node holds the bucket on its own GPU; the node's local rank 0 gathers the
+  handles and sends engine TP rank ``i`` the handle from the rank on that engine's GPU ``i``
+  (``NodePeers``; slime's ``UpdateWeightFromTensor``), so IPC never crosses a node or a GPU.
 - ``distributed`` (disaggregated): the trainer joins a process group with every engine GPU
   (``/init_weights_update_group``; NCCL, gloo in CPU tests) and broadcasts each bucket.
 - ``disk``: a HF safetensors snapshot on storage every server can read, then
@@ -66,34 +67,106 @@ class WeightTransport:
         """Free what the transport holds for ``engine`` (process groups)."""
 
 
+class NodePeers:
+    """The training ranks of one node, in local-rank order (= the GPU each one trains on), with a
+    gloo group over them: every rank holds its own copy of each bucket on its own GPU and the
+    node's local rank 0 (``leader``) gathers their handles (slime's ``_send_to_colocated_engine``:
+    ``gather_object`` over the engine's ranks, then one request with a handle per TP rank)."""
+
+    def __init__(self, group, ranks: Sequence[int]):
+        self.group, self.ranks = group, list(ranks)
+        self.leader = self.ranks[0]
+
+
 class TensorTransport(WeightTransport):
-    """Colocated: handles of the trainer's own memory on ``device`` (see module doc)."""
+    """Colocated: handles of the trainer's own memory on ``device`` (see module doc).
+
+    With ``peers`` (set by ``rollout/fleet.py``), every training rank of the node flattens each
+    bucket on its own GPU and the leader sends engine TP rank ``i`` the handle of the rank on that
+    engine's GPU ``i``, as SGLang expects (``serialized_named_tensors[tp_rank]`` is deserialized
+    on that TP rank's device): no GPU holds an extra copy per engine rank and every engine rank
+    copies device-local. Without ``peers`` (one process drives the engine) that process's handle
+    goes to every TP rank."""
 
     name = "tensor"
 
     def __init__(self, device: torch.device | str | None = None):
         self.device = torch.device(device) if device is not None else training_device()
+        self.peers: NodePeers | None = None
+
+    def update(self, engine, buckets: Iterable[Bucket], version: int) -> None:
+        try:
+            engine.begin_update(version)
+        except BaseException as exc:
+            self.exchange(buckets, None, error=f"begin_weight_update: {type(exc).__name__}: {exc}")
+            raise
+        try:
+            self.send_buckets(engine, buckets, version)
+        except BaseException:
+            engine.abort_update()
+            raise
+        engine.finish_update(version)
 
     def send_buckets(self, engine, buckets: Iterable[Bucket], version: int) -> None:
-        from megatron_rlrt.rollout import sglang_protocol as sp
+        self.exchange(buckets, lambda handles: engine.post_tensor_bucket(handles, version))
 
+    def exchange(self, buckets: Iterable[Bucket], post=None, error: str | None = None) -> None:
+        """Per bucket, on every rank of the node (or on the one sender without ``peers``): flatten it
+        on this rank's device and serialize a handle; the leader gathers the node's handles
+        (index = local rank) and calls ``post(handles)``; every rank keeps its buffer until the
+        leader reports the servers answered. ``error``: the leader already failed (peers must not
+        wait for buckets that will never be posted). Raises on every rank if any failed."""
+        import torch.distributed as dist
+
+        me = dist.get_rank() if self.peers is not None else None
+        leader = self.peers is None or me == self.peers.leader
         for bucket in buckets:
             if not bucket:
                 continue
-            for name, tensor in bucket:
-                if tensor.device != self.device:
-                    raise RolloutError(
-                        f"weight_sync='tensor' hands the servers handles to the trainer's memory on {self.device}, "
-                        f"but {name} is on {tensor.device}: gather onto the training device (or use "
-                        f"weight_sync='distributed' / 'disk')")
-            flat, metadata = sp.flatten_bucket(bucket, align=16)
-            serialized = sp.serialize_flattened_bucket(flat, metadata)
-            if flat.is_cuda:
-                torch.cuda.synchronize()  # the engines read the buffer as soon as they get the handle
-            engine.post_tensor_bucket(serialized, version)
-            del flat, serialized  # the engines answered: they copied out of the shared buffer
+            flat = serialized = None
+            try:
+                flat, serialized = self._serialize(bucket)
+                mine = ("ok", serialized)
+            except Exception as exc:  # noqa: BLE001 - reported to the leader, raised below
+                mine = ("error", f"rank {me}: {type(exc).__name__}: {exc}")
+            gathered = [mine]
+            if self.peers is not None:
+                gathered = [None] * len(self.peers.ranks) if leader else None
+                dist.gather_object(mine, gathered, dst=self.peers.leader, group=self.peers.group)
+            status = [None]
+            if leader:
+                failed = [m for kind, m in gathered if kind == "error"]
+                status[0] = error or (failed[0] if failed else None)
+                if status[0] is None and post is not None:
+                    try:
+                        post([m for _, m in gathered])
+                    except Exception as exc:  # noqa: BLE001 - shared with the peers, then raised
+                        status[0] = f"{type(exc).__name__}: {exc}"
+                        mine = ("raise", exc)
+            if self.peers is not None:
+                dist.broadcast_object_list(status, src=self.peers.leader, group=self.peers.group)
+            del flat, serialized  # the engines answered: they copied out of the shared buffers
             if self.device.type == "cuda":
                 torch.cuda.ipc_collect()  # release IPC blocks the engines have closed
+            if mine[0] == "raise":
+                raise mine[1]
+            if status[0] is not None:
+                raise RolloutError(f"tensor weight update failed: {status[0]}")
+
+    def _serialize(self, bucket: Bucket):
+        from megatron_rlrt.rollout import sglang_protocol as sp
+
+        for name, tensor in bucket:
+            if tensor.device != self.device:
+                raise RolloutError(
+                    f"weight_sync='tensor' hands the servers handles to the trainer's memory on {self.device}, "
+                    f"but {name} is on {tensor.device}: gather onto the training device (or use "
+                    f"weight_sync='distributed' / 'disk')")
+        flat, metadata = sp.flatten_bucket(bucket, align=16)
+        serialized = sp.serialize_flattened_bucket(flat, metadata)
+        if flat.is_cuda:
+            torch.cuda.synchronize()  # the engines read the buffer as soon as they get the handle
+        return flat, serialized
 
 
 class DistributedTransport(WeightTransport):

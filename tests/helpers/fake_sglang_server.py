@@ -19,7 +19,10 @@ tolerates one failing server):
   as safetensors for the test to compare with the trainer);
 - ``update_weights_from_tensor`` payloads are unpickled with SGLang's SafeUnpickler allow-list
   and must hold tensors that live on ``--expect-device`` and were shared (IPC / shared memory),
-  not copied into the request;
+  not copied into the request; one payload per TP rank, and TP rank ``i`` (on GPU
+  ``--base-gpu-id + i``) must get memory of that GPU: on CUDA the tensor's device index, on a
+  CPU (``--device-pid-dir``: ``device{g}.pid`` holds the pid of the training process standing
+  for GPU ``g``) the pid in the shared-memory name; every rank's payload holds the same weights;
 - after a session's update, /generate is refused until /flush_cache (the radix cache holds
   prefixes computed with the old weights).
 
@@ -75,6 +78,7 @@ class SafeUnpickler(__import__("pickle").Unpickler):
 
 
 SHM_SENDERS: set = set()  # pids of the processes whose shared memory updates were read from
+OPENED: list = []  # pids whose shared memory the payload being unpickled now refers to
 
 
 def rebuild_storage_filename_noting_sender(cls, manager, handle, size, dtype=None):
@@ -85,6 +89,7 @@ def rebuild_storage_filename_noting_sender(cls, manager, handle, size, dtype=Non
     parts = name.strip("/").split("_")
     if len(parts) > 1 and parts[0] == "torch" and parts[1].isdigit():
         SHM_SENDERS.add(int(parts[1]))
+        OPENED.append(int(parts[1]))
     return reductions.rebuild_storage_filename(cls, manager, handle, size, dtype)
 
 
@@ -132,6 +137,7 @@ class Fake:
         self.groups: dict = {}
         self.calls: list[str] = []
         self.violations: list[str] = []
+        self.senders_by_tp_rank: dict[int, set] = {}
 
     def bad(self, msg: str, status: int = 400):
         self.violations.append(msg)
@@ -272,24 +278,57 @@ class Fake:
             return self.bad("one serialized payload per TP rank expected")
         if self.args.fail_update:
             return self.bad("injected failure")
-        try:  # what every engine TP rank does with its entry (weight_updater, load_format flattened_bucket)
-            data = SafeUnpickler(io.BytesIO(base64.b64decode(body["serialized_named_tensors"][0],
-                                                             validate=True))).load()
-        except Exception as exc:  # noqa: BLE001
-            return self.bad(f"cannot open the serialized bucket: {type(exc).__name__}: {exc}")
-        flat = data["flattened_tensor"]
-        if flat.device.type != self.args.expect_device:
-            return self.bad(f"update_weights_from_tensor: tensors on {flat.device}, the engine's device is "
-                            f"{self.args.expect_device}")
-        if not (flat.is_cuda or flat.is_shared()):
-            return self.bad("update_weights_from_tensor: the bucket was copied into the request instead of shared "
-                            "(IPC / shared memory handles expected)")
-        for m in data["metadata"]:
-            err = self.receive(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape))
-            if err:
-                return self.bad(err)
+        first = None
+        for tp_rank, entry in enumerate(body["serialized_named_tensors"]):
+            # what engine TP rank tp_rank does with its entry (weight_updater, load_format flattened_bucket)
+            OPENED.clear()
+            try:
+                data = SafeUnpickler(io.BytesIO(base64.b64decode(entry, validate=True))).load()
+            except Exception as exc:  # noqa: BLE001
+                return self.bad(f"cannot open the serialized bucket of TP rank {tp_rank}: {type(exc).__name__}: {exc}")
+            flat = data["flattened_tensor"]
+            if flat.device.type != self.args.expect_device:
+                return self.bad(f"update_weights_from_tensor: tensors on {flat.device}, the engine's device is "
+                                f"{self.args.expect_device}")
+            if not (flat.is_cuda or flat.is_shared()):
+                return self.bad("update_weights_from_tensor: the bucket was copied into the request instead of "
+                                "shared (IPC / shared memory handles expected)")
+            wrong = self.wrong_device(tp_rank, flat, list(OPENED))
+            if wrong:
+                return self.bad(wrong)
+            self.senders_by_tp_rank.setdefault(tp_rank, set()).update(OPENED)
+            if first is None:
+                first = data
+                for m in data["metadata"]:
+                    err = self.receive(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape))
+                    if err:
+                        return self.bad(err)
+            elif [(m.name, m.start_idx, m.end_idx) for m in data["metadata"]] != \
+                    [(m.name, m.start_idx, m.end_idx) for m in first["metadata"]] or \
+                    not __import__("torch").equal(flat.cpu(), first["flattened_tensor"].cpu()):
+                return self.bad(f"TP rank {tp_rank} got other weights than TP rank 0 in one update_weights_from_tensor")
         self.version = body.get("weight_version") or self.version
         return web.json_response({"success": True, "message": "Success"})
+
+    def wrong_device(self, tp_rank: int, flat, opened: list) -> str | None:
+        """TP rank ``tp_rank`` runs on GPU base_gpu_id + tp_rank and must map that GPU's memory."""
+        gpu = self.args.base_gpu_id + tp_rank
+        if flat.is_cuda:
+            if flat.device.index != gpu:
+                return (f"update_weights_from_tensor: TP rank {tp_rank} (GPU {gpu}) got a handle of memory on "
+                        f"{flat.device}: each rank's entry must come from the trainer rank on its own GPU")
+            return None
+        if not self.args.device_pid_dir:
+            return None
+        path = os.path.join(self.args.device_pid_dir, f"device{gpu}.pid")
+        if not os.path.exists(path):
+            return f"update_weights_from_tensor: no training process stands for GPU {gpu} ({path} missing)"
+        owner = int(open(path).read())
+        if set(opened) != {owner}:
+            return (f"update_weights_from_tensor: TP rank {tp_rank} (GPU {gpu}) got shared memory of pid(s) "
+                    f"{sorted(set(opened))}, but the training process on GPU {gpu} is pid {owner}: each rank's entry "
+                    f"must come from the trainer rank on its own GPU")
+        return None
 
     async def init_group(self, request):
         body, err = await self._struct(request, "InitWeightsUpdateGroupReqInput")
@@ -410,7 +449,8 @@ class Fake:
         return web.json_response({
             "calls": self.calls, "weights": {n: checksum(t) for n, t in self.weights.items()},
             "version": self.version, "released": sorted(self.released), "generate_count": self.generate_count,
-            "violations": self.violations, "shm_senders": sorted(SHM_SENDERS)})
+            "violations": self.violations, "shm_senders": sorted(SHM_SENDERS),
+            "senders_by_tp_rank": {str(k): sorted(v) for k, v in self.senders_by_tp_rank.items()}})
 
     async def dump(self, request):
         """Write the rebuilt state dict as safetensors to the path in the body."""
@@ -436,6 +476,9 @@ def main(argv=None):
     p.add_argument("--model-path", default=None, help="HF checkpoint: every update must deliver all its tensors")
     p.add_argument("--expect-device", default="cpu", help="device update_weights_from_tensor tensors must be on")
     p.add_argument("--enable-memory-saver", dest="memory_saver", action="store_true")
+    p.add_argument("--base-gpu-id", type=int, default=0, help="the first GPU of this server (SGLang's flag)")
+    p.add_argument("--device-pid-dir", default=None,
+                   help="CPU stand-in for GPUs: device{g}.pid = pid of the training process on GPU g")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--router-for", default=None,
                    help="act as sglang-router over these comma-separated server URLs: /generate is forwarded")

@@ -27,8 +27,21 @@ def fake_state(url: str) -> dict:
         return json.load(r)
 
 
-def register_fake_sglang(expect_device: str = "cpu") -> None:
-    """``--rollout-engine sglang`` launches fake servers (one per node) instead of SGLang."""
+def device_pid_dir(root: str) -> str:
+    """Where this node's training processes note which 'GPU' (local rank) each one stands for."""
+    return os.path.join(root, f"devices_node{os.environ.get('GROUP_RANK', '0')}")
+
+
+def note_device_pid(root: str) -> None:
+    """CPU stand-in for 'this process trains on GPU LOCAL_RANK' (read by the fake servers)."""
+    os.makedirs(device_pid_dir(root), exist_ok=True)
+    with open(os.path.join(device_pid_dir(root), f"device{os.environ.get('LOCAL_RANK', '0')}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def register_fake_sglang(expect_device: str = "cpu", pid_root: str | None = None) -> None:
+    """``--rollout-engine sglang`` launches fake servers (one per GPU group of each node) instead of
+    SGLang; with ``pid_root`` they check that each TP rank maps memory of the process on its GPU."""
     from megatron_rlrt.rollout import registry
     from megatron_rlrt.rollout.sglang_engine import SGLangEngine
 
@@ -36,7 +49,10 @@ def register_fake_sglang(expect_device: str = "cpu") -> None:
         def _server_command(self, placement):
             cmd = [sys.executable, FAKE, "--port", str(placement.port), "--host", placement.host,
                    "--tp", str(placement.num_gpus), "--model-path", self.model_path,
-                   "--expect-device", expect_device, "--weight-version", str(self.weight_version)]
+                   "--expect-device", expect_device, "--weight-version", str(self.weight_version),
+                   "--base-gpu-id", str(placement.base_gpu)]
+            if pid_root:
+                cmd += ["--device-pid-dir", device_pid_dir(pid_root)]
             if self.colocate:
                 cmd.append("--enable-memory-saver")  # what sglang_server_command adds when colocated
             return cmd, {"OMP_NUM_THREADS": "1"}
@@ -58,17 +74,23 @@ def fleet_rank(argv: list[str], out_dir: str, sabotage: str = "") -> None:
 
     ``sabotage``: ``no-release`` (the trainer never releases the servers' memory),
     ``skip-param`` (one parameter left out of every update), ``cuda-servers`` (the servers'
-    weights live on a GPU, the trainer hands them CPU memory). The error is recorded instead."""
+    weights live on a GPU, the trainer hands them CPU memory), ``one-sender`` (local rank 0's
+    handle to every engine TP rank, the mapping before per-rank handles). The error is recorded
+    instead."""
+    from megatron_rlrt.rollout.sglang_engine import SGLangEngine
     from megatron_rlrt.rollout import fleet, registry, weight_sync
     from tests.helpers.trainer_helpers import register_test_rewards
 
     register_test_rewards()
     # a 1-rank spawn runs in the test process: everything patched here is put back at the end
     saved = (registry.ENGINES["sglang"], set(registry.SERVER_ENGINES), fleet.RolloutFleet.release,
-             weight_sync.iter_hf_tensors)
+             weight_sync.iter_hf_tensors, SGLangEngine._handles_for)
     # the servers' weights live where the trainer's do (on a GPU machine: CUDA IPC for real)
     device = "cuda" if torch.cuda.is_available() or sabotage == "cuda-servers" else "cpu"
-    register_fake_sglang(device)
+    note_device_pid(out_dir)
+    register_fake_sglang(device, pid_root=out_dir)
+    if sabotage == "one-sender":
+        SGLangEngine._handles_for = lambda self, url, handles: [handles[0]] * self.engine_tp_size(url)
     if sabotage == "no-release":
         fleet.RolloutFleet.release = lambda self: None
     if sabotage == "skip-param":
@@ -85,6 +107,7 @@ def fleet_rank(argv: list[str], out_dir: str, sabotage: str = "") -> None:
     finally:
         registry.ENGINES["sglang"], fleet.RolloutFleet.release, weight_sync.iter_hf_tensors = \
             saved[0], saved[2], saved[3]
+        SGLangEngine._handles_for = saved[4]
         registry.SERVER_ENGINES.clear()
         registry.SERVER_ENGINES.update(saved[1])
 

@@ -216,6 +216,12 @@ class Config:
     atesd_discount: float = _f(0.9, "ATESD: discount gamma of the learning-progress reward over later windows")
     atesd_lr: float = _f(0.01, "ATESD: Adam learning rate of the exposure controller's policy gradient")
     atesd_horizon: int = _f(3, "ATESD: windows of learning progress credited to one exposure decision (L)")
+    rlt_student_load: Optional[str] = _f(None, "RLT: the frozen student that scores the teacher's explanations "
+                                               "when it is not the starting weights: a megatron-rlrt checkpoint "
+                                               "(any TP/PP) or a Hugging Face directory of the policy's architecture")
+    rlt_alpha: float = _f(0.01, "RLT: weight of the min (r_SS) / max (r_KL) term beside the mean over tokens "
+                                "(authors' 0.01)")
+    rlt_lambda: float = _f(3.0, "RLT: r = r_SS - lambda * r_KL (authors' 3)")
     eps_clip: float = _f(0.2, "PPO ratio clip below 1 (eps_low)")
     eps_clip_high: float = _f(0.28, "PPO clip (high side, DAPO clip-higher)")
     eps_clip_c: Optional[float] = _f(3.0, "dual-clip constant for negative advantages (verl's default 3.0; 0 disables)")

@@ -91,6 +91,18 @@ def config_problems(cfg, world_size: int | None = None, capability=None) -> list
     need(cfg.recompute_granularity == "full" or (cfg.recompute_method is None and cfg.recompute_num_layers is None),
          "--recompute-method / --recompute-num-layers need --recompute-granularity full")
     need(cfg.recompute_num_layers is None or cfg.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+    model_reward = method is not None and method.model_reward is not None
+    need(cfg.rlt_student_load is None or model_reward,
+         f"--rlt-student-load {cfg.rlt_student_load}: only a method with a model-computed reward (rlt) has a "
+         f"frozen student; --advantage-estimator is {cfg.advantage_estimator}")
+    need(cfg.rlt_student_load is None or os.path.isdir(cfg.rlt_student_load),
+         f"--rlt-student-load {cfg.rlt_student_load}: no such directory (expected a megatron-rlrt checkpoint or a "
+         "Hugging Face model directory)")
+    need(not (model_reward and cfg.dynamic_sampling),
+         f"--dynamic-sampling with --advantage-estimator {cfg.advantage_estimator}: its rewards are computed by a "
+         "model after the batch is built, so zero-signal groups cannot be dropped beforehand")
+    need(cfg.rlt_alpha >= 0 and cfg.rlt_lambda >= 0,
+         f"--rlt-alpha {cfg.rlt_alpha} and --rlt-lambda {cfg.rlt_lambda} must be >= 0")
     need(cfg.kl_coef >= 0, f"--kl-coef {cfg.kl_coef} must be >= 0")
     need(cfg.ref_load is None or cfg.kl_coef > 0,
          f"--ref-load {cfg.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")

@@ -16,20 +16,31 @@ from megatron_rlrt.algorithms.advantages import (
     register_advantage,
 )
 from megatron_rlrt.algorithms.distillation import distillation_token_loss
-from megatron_rlrt.algorithms.methods import METHODS, SUCCESS_THRESHOLD, MethodSpec, get_method, register_method
+from megatron_rlrt.algorithms.methods import (
+    METHODS,
+    SUCCESS_THRESHOLD,
+    MethodSpec,
+    ModelReward,
+    RewardView,
+    get_method,
+    register_method,
+)
 from megatron_rlrt.algorithms.objective import loss_token_mask, total_loss
 from megatron_rlrt.algorithms.policy_loss import PolicyLossConfig, policy_token_loss
 from megatron_rlrt.algorithms.schedules import make_lambda_schedule
 from megatron_rlrt.algorithms.teacher import TeacherConfig, build_teacher_views
 from megatron_rlrt.algorithms.token_advantages import token_advantages
 from megatron_rlrt.algorithms.token_weights import information_asymmetry, rlrt_weight, rlsd_weight
+from megatron_rlrt.algorithms import rlt as _rlt  # noqa: F401,E402  registers "rlt" (atesd: via teacher)
 
 __all__ = [
     "ADVANTAGES",
     "GroupStats",
     "METHODS",
     "MethodSpec",
+    "ModelReward",
     "PolicyLossConfig",
+    "RewardView",
     "SUCCESS_THRESHOLD",
     "TeacherConfig",
     "build_teacher_views",

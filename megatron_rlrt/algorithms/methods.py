@@ -10,8 +10,8 @@ checks a method's name: the trainer, the config and the tests read its spec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence
 
 import torch
 
@@ -24,6 +24,40 @@ SUCCESS_THRESHOLD = 0.5
 ENTROPY_BONUS_COEF = 0.001
 
 TokenWeightFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (tokenizer, dataset row) -> the token ids the policy generates from
+RolloutPromptFn = Callable[[Any, Any], list]
+
+
+@dataclass
+class RewardView:
+    """A sequence a frozen scorer model reads to reward one rollout (RLT: the student's view,
+    question + explanation -> reference solution). ``spans`` name [start, stop) ranges of
+    ``response_ids``; ``flags`` carry per-rollout facts the reward needs (e.g. "matched")."""
+
+    prompt_ids: list
+    response_ids: list
+    spans: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+class ModelReward(Protocol):
+    """A reward computed by a model after generation instead of a verifier.
+
+    ``view`` (rank 0, per rollout): the sequence the scorer reads. The trainer scores every
+    view under the frozen scorer weights (one packed no-grad pass) and then calls ``rewards``
+    on the last pipeline stage with, per local rollout, the policy's old log-probs of its
+    response tokens and the scorer's log-probs of its view's response tokens."""
+
+    def view(self, tokenizer, row, response_ids: Sequence[int]) -> RewardView: ...
+
+    def rewards(self, policy_logprobs: Sequence[torch.Tensor], view_logprobs: Sequence[torch.Tensor],
+                views: Sequence[RewardView], cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(rewards [B], per-rollout statistics {metric name: [B]} to log as means)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +81,10 @@ class MethodSpec:
     exposure: default teacher exposure (--teacher-exposure): "fixed:RHO" shows the teacher the
         first RHO of its context's tokens, "atesd" lets the ATESD controller choose
         (algorithms/atesd.py); "fixed:1" is the whole context.
+    rollout_prompt: what the policy generates from, built from the dataset row on rank 0
+        (RLT: question + reference solution in the teacher template); None = the row's prompt.
+    model_reward: rewards come from a frozen scorer model after generation (``ModelReward``;
+        the starting weights or --rlt-student-load) instead of the verifier; None = verifier.
     """
 
     name: str
@@ -60,6 +98,8 @@ class MethodSpec:
     entropy_bonus: bool = False
     advantage: str = "grpo"
     exposure: str = "fixed:1"
+    rollout_prompt: Optional[RolloutPromptFn] = None
+    model_reward: Optional[ModelReward] = None
 
     @property
     def needs_teacher(self) -> bool:

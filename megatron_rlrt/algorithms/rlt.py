@@ -28,6 +28,17 @@ explanation, stopping at ``<|end_of_explanation|>``. The student sees the questi
 turn and the explanation as its own thinking (Qwen3's ``<think>`` block; the authors' students
 used Bespoke-Stratos ``<|begin_of_thought|>`` tags), then the solution. Both sequences are built
 from token ids, so the student scores exactly the explanation tokens the teacher sampled.
+
+In the trainer (method ``rlt``, registered at the bottom): the rollout prompt is the teacher
+prompt of the dataset row (its question and reference ``solution``); after generation rank 0
+builds each rollout's student view (``RltModelReward.view``), every rank scores the views under
+the frozen student (a ``WeightSnapshot`` of the starting weights, or ``--rlt-student-load``) in
+one packed no-grad pass, and the last pipeline stage computes r from those log-probs and the
+old-policy pass's log-probs of the explanation tokens (log pi_T, the policy conditioned on
+q + s). Rewards are gathered over data-parallel ranks, then GRPO's group advantage (std
+normalised, as the authors' TRL-based GRPO trainer) trains the teacher. Both log-probs are at
+``--rollout-temperature`` (the authors sample and score at 0.7). ``--rlt-alpha`` and
+``--rlt-lambda`` override alpha and lambda.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from megatron_rlrt.algorithms.methods import MethodSpec, RewardView, register_method
 
 RLT_ALPHA = 0.01
 RLT_LAMBDA = 3.0
@@ -203,3 +216,68 @@ def build_student_view(tokenizer, question: str, explanation_ids: Sequence[int],
     response = expl + close_ids + solution_ids + end_ids
     start = len(expl) + len(close_ids)
     return StudentView(prompt_ids, response, slice(0, len(expl)), slice(start, start + len(solution_ids)))
+
+
+# -- the method: RLT in the trainer ---------------------------------------------------------------
+
+
+def rlt_question(row) -> str:
+    """The question of a dataset row as the file has it: the prompt text, or the last user turn."""
+    if isinstance(row.prompt, str):
+        return row.prompt
+    users = [m.get("content", "") for m in row.prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _solution(row) -> str:
+    if not getattr(row, "solution", None):
+        raise ValueError(f"{row.source}: RLT needs a reference solution per row (the teacher explains it and "
+                         "the student is scored on it); this row has none -- give the column with "
+                         "--solution-key or use a layout that has one")
+    return row.solution
+
+
+def rlt_rollout_prompt(tokenizer, row) -> list[int]:
+    """The teacher prompt the policy generates its explanation after (question + solution)."""
+    return render_rlt_teacher_prompt(tokenizer, rlt_question(row), _solution(row))
+
+
+class RltModelReward:
+    """``ModelReward`` of RLT: the student view of a rollout, and r = r_SS - lambda r_KL."""
+
+    def view(self, tokenizer, row, response_ids: Sequence[int]) -> RewardView:
+        explanation, matched = split_explanation(tokenizer, response_ids)
+        sv = build_student_view(tokenizer, rlt_question(row), explanation, _solution(row))
+        return RewardView(sv.prompt_ids, sv.response_ids,
+                          spans={"explanation": (sv.explanation.start, sv.explanation.stop),
+                                 "solution": (sv.solution.start, sv.solution.stop)},
+                          flags={"matched": matched})
+
+    def rewards(self, policy_logprobs, view_logprobs, views, cfg=None) -> tuple[torch.Tensor, dict]:
+        """``policy_logprobs[i]``: the teacher's (policy's) log-probs of rollout i's response
+        tokens (the explanation is their prefix); ``view_logprobs[i]``: the frozen student's
+        log-probs of view i's response tokens."""
+        n = len(views)
+        spans = [(v.spans["explanation"], v.spans["solution"]) for v in views]
+        e_width = max([e1 - e0 for (e0, e1), _ in spans] + [1])
+        s_width = max([s1 - s0 for _, (s0, s1) in spans] + [1])
+        kl = torch.zeros(n, e_width, dtype=torch.float64)
+        e_mask = torch.zeros(n, e_width, dtype=torch.bool)
+        sol = torch.zeros(n, s_width, dtype=torch.float64)
+        s_mask = torch.zeros(n, s_width, dtype=torch.bool)
+        for i, ((e0, e1), (s0, s1)) in enumerate(spans):
+            teacher, student = policy_logprobs[i].double(), view_logprobs[i].double()
+            kl[i, : e1 - e0] = kl_token_estimate(teacher[: e1 - e0], student[e0:e1])
+            e_mask[i, : e1 - e0] = True
+            sol[i, : s1 - s0] = student[s0:s1]
+            s_mask[i, : s1 - s0] = True
+        matched = torch.tensor([bool(v.flags.get("matched", True)) for v in views])
+        out = rlt_reward(sol, s_mask, kl, e_mask, alpha=getattr(cfg, "rlt_alpha", RLT_ALPHA),
+                         lam=getattr(cfg, "rlt_lambda", RLT_LAMBDA), matched=matched)
+        stats = {"rlt/r_ss": out.r_ss, "rlt/r_kl": out.r_kl, "rlt/explanation_closed": matched.double(),
+                 "rlt/explanation_len": e_mask.sum(-1).double()}
+        return out.reward.float(), stats
+
+
+register_method(MethodSpec("rlt", std_normalize=True, rollout_prompt=rlt_rollout_prompt,
+                           model_reward=RltModelReward()))

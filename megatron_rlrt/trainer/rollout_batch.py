@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from megatron_rlrt.algorithms import MethodSpec, build_teacher_views, get_advantage
+from megatron_rlrt.algorithms import MethodSpec, RewardView, build_teacher_views, get_advantage
 from megatron_rlrt.config import Config
 from megatron_rlrt.rollout.base import RolloutError
 from megatron_rlrt.trainer.metrics import phase
@@ -36,6 +36,9 @@ class Sample:
     correct: bool
     advantage: float
     teacher_prompt_ids: Optional[list[int]] = None
+    # methods with a model-computed reward (MethodSpec.model_reward): the sequence the frozen
+    # scorer reads; reward and advantage are set after that pass (trainer/model_reward.py)
+    reward_view: Optional[RewardView] = None
 
     @property
     def has_teacher(self) -> bool:
@@ -53,8 +56,9 @@ class Sample:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this sample puts through the model: its student row and its teacher row."""
-        return self.student_tokens + self.teacher_tokens
+        """Tokens this sample puts through the model: its student row, its teacher row and
+        its reward view."""
+        return self.student_tokens + self.teacher_tokens + (self.reward_view.num_tokens if self.reward_view else 0)
 
 
 @dataclass
@@ -93,14 +97,17 @@ def padded(values: Sequence[Sequence[float] | torch.Tensor], width: int, dtype=t
 def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSpec, step: int) -> RolloutBatch:
     """Rank 0: prompts -> K rollouts each -> verifier rewards -> sequence advantages (the
     method's estimator, GRPO's group advantage by default) -> teacher prompts (methods with a
-    teacher) -> the step's samples and their statistics."""
+    teacher) -> the step's samples and their statistics. A method with a model-computed
+    reward gets its reward views instead of verifier rewards (reward and advantage 0 until
+    trainer/model_reward.py sets them)."""
     k = cfg.n_samples_per_prompt
     prompts = services.loader.next_batch(cfg.rollout_batch_size)
+    prompt_ids = [list(p.prompt_ids) if method.rollout_prompt is None else method.rollout_prompt(services.tokenizer, p)
+                  for p in prompts]
     t0 = time.perf_counter()
     with phase("rollout", cfg.progress):
         # a fresh, reproducible seed per step (server engines derive per-request seeds from it)
-        rollouts = services.engine.generate([p.prompt_ids for p in prompts], k,
-                                            services.sampling(seed=cfg.seed * 7919 + step))
+        rollouts = services.engine.generate(prompt_ids, k, services.sampling(seed=cfg.seed * 7919 + step))
     services.release_engine()  # colocated: the servers free weights and KV cache for training
     t_rollout = time.perf_counter() - t0
     flat = [(g, s) for g, group in enumerate(rollouts) for s in group]
@@ -111,9 +118,15 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
             raise RolloutError(f"engine returned non-finite log-probs for prompt {prompts[g].source}")
     texts = [services.tokenizer.decode(s.response_ids, skip_special_tokens=True) for _, s in flat]
     t1 = time.perf_counter()
-    scored = services.reward.score(texts, [prompts[g] for g, _ in flat])
+    reward_views: list = [None] * len(flat)
+    if method.model_reward is not None:  # scored by a model after this (trainer/model_reward.py)
+        reward_views = [method.model_reward.view(services.tokenizer, prompts[g], s.response_ids) for g, s in flat]
+        scored = None
+        correct = torch.zeros(len(flat), dtype=torch.bool)
+    else:
+        scored = services.reward.score(texts, [prompts[g] for g, _ in flat])
+        correct = torch.tensor(scored.correct, dtype=torch.bool)
     t_score = time.perf_counter() - t1
-    correct = torch.tensor(scored.correct, dtype=torch.bool)
     # r in {0, 1} as in the paper (a verifier's partial credit only enters the statistics)
     rewards = correct.float()
     adv, stats = get_advantage(method.advantage)(rewards, k, cfg.resolved_std_normalize())
@@ -128,8 +141,8 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
             response_lengths=[len(s.response_ids) for _, s in flat], generator=services.peer_generator,
             exposure=rho)
         teacher_ids, teacher_stats = views.prompt_ids, views.stats
-    samples = [Sample(i, g, list(prompts[g].prompt_ids), s.response_ids, s.logprobs, float(rewards[i]),
-                      bool(correct[i]), float(adv[i]), teacher_ids[i]) for i, (g, s) in enumerate(flat)]
+    samples = [Sample(i, g, prompt_ids[g], s.response_ids, s.logprobs, float(rewards[i]),
+                      bool(correct[i]), float(adv[i]), teacher_ids[i], reward_views[i]) for i, (g, s) in enumerate(flat)]
     empty = sum(not s.response_ids for s in samples)
     # an empty response (EOS first) has nothing to train on; it keeps its reward in the
     # group statistics and is counted in response/empty
@@ -139,8 +152,6 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
     lengths = [len(s.response_ids) for _, s in flat]
     groups_with_correct = correct.view(-1, k).any(1).float().mean().item()
     metrics = {
-        "reward/mean": rewards.mean().item(), "reward/raw_mean": sum(scored.rewards) / len(flat),
-        "reward/pass_rate_groups": groups_with_correct, "reward/zero_signal_groups": float(stats.num_zero_signal_groups),
         "response/length_mean": sum(lengths) / len(lengths), "response/length_max": float(max(lengths)),
         "response/empty": float(empty),
         "response/truncated_frac": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
@@ -149,7 +160,13 @@ def build_rollout_batch(services: "Rank0Services", cfg: Config, method: MethodSp
         "data/epoch": float(services.loader.epoch),
         "perf/batch_tokens": float(sum(s.num_tokens for s in samples)),
     }
-    metrics.update({name: float(v) for name, v in scored.stats.to_metrics("reward/").items() if name not in metrics})
+    if scored is not None:  # a model-computed reward is logged by the pass that computes it
+        metrics.update({
+            "reward/mean": rewards.mean().item(), "reward/raw_mean": sum(scored.rewards) / len(flat),
+            "reward/pass_rate_groups": groups_with_correct,
+            "reward/zero_signal_groups": float(stats.num_zero_signal_groups)})
+        metrics.update({name: float(v) for name, v in scored.stats.to_metrics("reward/").items()
+                        if name not in metrics})
     if teacher_stats is not None:
         metrics.update({
             "rlrt/teacher_requested": float(teacher_stats.requested), "rlrt/teacher_built": float(teacher_stats.built),

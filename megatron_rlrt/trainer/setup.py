@@ -97,36 +97,56 @@ def restore(cfg: Config, model: ModelAndOptimizer, log=print) -> ResumePoint:
 
 
 def needs_initial_weights(cfg: Config, method: MethodSpec) -> bool:
-    """The reference policy (without --ref-load) and the 'initial' teacher are the starting
-    weights; an EMA teacher starts from them too, but only a fresh run needs them (a resumed
-    one loads it)."""
-    return (cfg.kl_coef > 0 and not cfg.ref_load) or (method.needs_teacher and cfg.teacher_weights == "initial")
+    """The reference policy (without --ref-load), the 'initial' teacher and a model reward's
+    scorer (without --rlt-student-load) are the starting weights; an EMA teacher starts from
+    them too, but only a fresh run needs them (a resumed one loads it)."""
+    return ((cfg.kl_coef > 0 and not cfg.ref_load) or (method.needs_teacher and cfg.teacher_weights == "initial")
+            or (method.model_reward is not None and not cfg.rlt_student_load))
 
 
 def reference_weights(cfg: Config, chunks, arch: Qwen3Spec, initial: WeightSnapshot | None,
                       log=print) -> WeightSnapshot | None:
     """The KL term's reference policy: the starting weights, or --ref-load (a megatron-rlrt
     checkpoint or a HF directory of the same architecture) read into this rank's shards."""
-    path = cfg.ref_load
     if cfg.kl_coef <= 0:
         return None
-    if not path:
+    if not cfg.ref_load:
         return initial
+    snapshot = load_snapshot(cfg.ref_load, "--ref-load", chunks, arch)
+    log(f"reference policy of the KL term: {cfg.ref_load}")
+    return snapshot
+
+
+def scorer_weights(cfg: Config, method: MethodSpec, chunks, arch: Qwen3Spec, initial: WeightSnapshot | None,
+                   log=print) -> WeightSnapshot | None:
+    """The frozen scorer of a model-computed reward (RLT's student): the starting weights, or
+    --rlt-student-load; None for verifier-rewarded methods."""
+    if method.model_reward is None:
+        return None
+    if not cfg.rlt_student_load:
+        return initial
+    snapshot = load_snapshot(cfg.rlt_student_load, "--rlt-student-load", chunks, arch)
+    log(f"frozen student of the {method.name} reward: {cfg.rlt_student_load}")
+    return snapshot
+
+
+def load_snapshot(path: str, flag: str, chunks, arch: Qwen3Spec) -> WeightSnapshot:
+    """Weights of ``path`` (a megatron-rlrt checkpoint, any TP/PP, or a HF directory of the
+    policy's architecture) as a snapshot of this rank's shards; the model keeps its own."""
     if os.path.isfile(os.path.join(path, METADATA)):
-        ref_arch = spec_of_checkpoint(path)
+        other = spec_of_checkpoint(path)
         load = lambda: load_model_checkpoint(chunks, path)  # noqa: E731
     elif os.path.isfile(os.path.join(path, "config.json")):
-        ref_arch = Qwen3Spec.from_hf_dir(path)
+        other = Qwen3Spec.from_hf_dir(path)
         load = lambda: load_hf_into_model(chunks, arch, load_hf_weights(path, arch))  # noqa: E731
     else:
-        raise CheckpointError(f"--ref-load {path}: neither a megatron-rlrt checkpoint ({METADATA}) nor a "
+        raise CheckpointError(f"{flag} {path}: neither a megatron-rlrt checkpoint ({METADATA}) nor a "
                               "Hugging Face model directory (config.json)")
-    differ = {f: (getattr(ref_arch, f), getattr(arch, f)) for f in vars(arch)
-              if f != "dtype" and getattr(ref_arch, f) != getattr(arch, f)}
+    differ = {f: (getattr(other, f), getattr(arch, f)) for f in vars(arch)
+              if f != "dtype" and getattr(other, f) != getattr(arch, f)}
     if differ:
-        raise CheckpointError(f"--ref-load {path}: another architecture than the policy's "
-                              f"(field: (reference, policy)): {differ}")
-    log(f"reference policy of the KL term: {path}")
+        raise CheckpointError(f"{flag} {path}: another architecture than the policy's "
+                              f"(field: ({flag}, policy)): {differ}")
     return WeightSnapshot.loaded_by(chunks, load)
 
 

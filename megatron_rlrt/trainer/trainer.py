@@ -40,6 +40,7 @@ from megatron_rlrt.trainer import checkpoint as ckpt
 from megatron_rlrt.trainer import setup
 from megatron_rlrt.trainer.loss import RLLossConfig, SampleInputs, loss_inputs, rl_loss
 from megatron_rlrt.trainer.metrics import MetricSums, MetricsWriter, console_line, phase, reduce_to_rank0
+from megatron_rlrt.trainer.model_reward import apply_model_reward
 from megatron_rlrt.trainer.model_step import StepOptions, score_rollouts, stage_topk_ids, train_minibatch
 from megatron_rlrt.trainer.rollout_batch import Sample, build_rollout_batch, dp_shard
 from megatron_rlrt.trainer.services import Rank0Services, build_rank0_services, on_rank0
@@ -66,6 +67,8 @@ class Trainer:
         # policy of the KL term (unless --ref-load) and the --teacher-weights initial teacher
         initial = WeightSnapshot.of(self.chunks) if setup.needs_initial_weights(cfg, self.method) else None
         self.reference = setup.reference_weights(cfg, self.chunks, self.arch, initial, self._log)
+        # the frozen scorer of a model-computed reward (RLT's student), None for verifier rewards
+        self.scorer = setup.scorer_weights(cfg, self.method, self.chunks, self.arch, initial, self._log)
         self.lam_schedule = make_lambda_schedule(cfg.rlrt_lambda, cfg.rlrt_lambda_decay_steps)
         self.loss_cfg = RLLossConfig(
             PolicyLossConfig(cfg.eps_clip, cfg.eps_clip_high, cfg.eps_clip_c or None, cfg.loss_agg_mode,
@@ -149,13 +152,17 @@ class Trainer:
         t_train = time.perf_counter()
         # on-policy single mini-batch GRPO needs no separate pass: old log-probs = the current ones
         need_scores = (self.method.needs_teacher or len(minibatches) > 1 or self.method.uses_distillation
-                       or self.reference is not None)
+                       or self.reference is not None or self.scorer is not None)
         sums = MetricSums()
         reports = sums if self.ps.get_tensor_model_parallel_rank() == 0 else None
         scores = None
         if need_scores:
             with phase("log-probs", cfg.progress and self.rank0):
                 scores = self.score(local)
+        if self.scorer is not None:  # rewards from a frozen model, then the group advantages
+            with phase("model reward", cfg.progress and self.rank0):
+                local = apply_model_reward(self.chunks, local, scores, self.method, self.scorer, self.opts,
+                                           cfg.micro_batch_size, self.max_logprob_tokens, cfg, reports)
         t_scores = time.perf_counter()
         inputs = loss_inputs(local, scores, self.method, lam, cfg.rlrt_clip_eps, reports) if self.is_last_stage else {}
         with phase("update", cfg.progress and self.rank0):

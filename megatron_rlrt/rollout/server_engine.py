@@ -262,16 +262,42 @@ class ServerEngineBase:
 
     # --- weights ------------------------------------------------------------------------
 
-    def _write_snapshot(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> str:
-        """A HF checkpoint directory of these tensors (``weight_transport.write_hf_snapshot``)."""
-        from megatron_rlrt.rollout.weight_transport import write_hf_snapshot
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """All of a weight update from this process: ``_send_weights`` moves the (possibly FP8)
+        buckets into every live server; timed as ``perf/weight_sync_s``."""
+        self._check_open()
+        t0 = time.perf_counter()
+        self._send_weights(self._outgoing(buckets), version)
+        self.metrics["perf/weight_sync_s"] = time.perf_counter() - t0
 
-        return write_hf_snapshot(buckets, version, self.weight_sync_dir or self._tmpdir("weights"), self.model_path)
+    def _send_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """How the tensors travel; the default (and every engine's disk path) is a snapshot."""
+        self.update_from_snapshot(buckets, version)
 
-    def _drop_old_snapshots(self, keep: str) -> None:
-        from megatron_rlrt.rollout.weight_transport import drop_old_snapshots
+    def update_from_snapshot(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """The disk update every server engine shares: write the tensors as a HF checkpoint
+        directory (``weight_transport.write_hf_snapshot``; ``weight_sync_dir`` must be storage every
+        server can read), make every live server load it (``_load_snapshot``), publish the version
+        (``_publish_version``: caches dropped, every engine must report it), then remove the
+        older snapshots."""
+        from megatron_rlrt.rollout.weight_transport import drop_old_snapshots, write_hf_snapshot
 
-        drop_old_snapshots(keep)
+        t0 = time.perf_counter()
+        snapshot = write_hf_snapshot(buckets, version, self.weight_sync_dir or self._tmpdir("weights"),
+                                     self.model_path)
+        self.metrics["perf/weight_write_s"] = time.perf_counter() - t0
+        self._load_snapshot(snapshot, version)
+        self._publish_version(version)
+        drop_old_snapshots(keep=snapshot)
+
+    def _load_snapshot(self, snapshot: str, version: int) -> None:
+        """The server's reload-from-directory request, on every live engine."""
+        raise NotImplementedError
+
+    def _publish_version(self, version: int) -> None:
+        """After new weights are loaded: set ``version`` on the servers, drop caches computed with
+        the old weights, check every engine reports ``version`` and ``note_version`` it."""
+        raise NotImplementedError
 
     def note_version(self, version: int) -> None:
         """The servers were updated to ``version`` (by another process, e.g. each node's sender)."""

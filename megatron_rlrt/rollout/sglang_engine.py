@@ -252,12 +252,9 @@ class SGLangEngine(ServerEngineBase):
 
     # --- weights: the HTTP half (the transport in weight_transport.py moves the tensors) ----
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        """All of a weight update from this process through ``self.transport``."""
-        self._check_open()
-        t0 = time.perf_counter()
-        self.transport.update(self, self._outgoing(buckets), version)
-        self.metrics["perf/weight_sync_s"] = time.perf_counter() - t0
+    def _send_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """Through ``self.transport`` (``disk`` calls the base's ``update_from_snapshot``)."""
+        self.transport.update(self, buckets, version)
 
     def begin_update(self, version: int) -> None:
         """Open SGLang's weight-update session on every live engine (tensor / distributed)."""
@@ -283,12 +280,15 @@ class SGLangEngine(ServerEngineBase):
         except Exception:  # noqa: BLE001
             pass
 
-    def finish_update(self, version: int, close_session: bool = True) -> None:
-        """Close the session, set the weight version, flush the caches (prefixes computed with
-        the old weights), then every engine must report ``version``."""
-        if close_session:
-            self._control("POST", sp.path("end_weight_update"), sp.EndWeightUpdateRequest().to_json(),
-                          what="end_weight_update", tolerate=self.weight_sync != "distributed")
+    def finish_update(self, version: int) -> None:
+        """Close the session, then ``_publish_version``."""
+        self._control("POST", sp.path("end_weight_update"), sp.EndWeightUpdateRequest().to_json(),
+                      what="end_weight_update", tolerate=self.weight_sync != "distributed")
+        self._publish_version(version)
+
+    def _publish_version(self, version: int) -> None:
+        """Set the weight version, flush the caches (prefixes computed with the old weights),
+        then every engine must report ``version``."""
         # The version is also sent with every bucket; setting it once more covers engines that
         # received no bucket from this sender (PP) and answers the question explicitly.
         self._control("POST", sp.path("update_weight_version"),
@@ -325,7 +325,8 @@ class SGLangEngine(ServerEngineBase):
                                f"training ranks of this node sent weight handles")
         return [handles[g] for g in placement.gpu_ids]
 
-    def post_update_from_disk(self, snapshot: str, version: int) -> None:
+    def _load_snapshot(self, snapshot: str, version: int) -> None:
+        """``/update_weights_from_disk`` (no begin/end session: SGLang needs none for disk loads)."""
         payload = sp.UpdateWeightFromDiskRequest(model_path=snapshot, weight_version=str(version)).to_json()
         self._control("POST", sp.path("update_weights_from_disk"), payload, what="update_weights_from_disk")
 

@@ -36,8 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import aiohttp
 import torch
@@ -225,27 +224,21 @@ class VLLMEngine(ServerEngineBase):
 
     # --- weights ------------------------------------------------------------------------
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        """Write the HF tensors as a snapshot directory, make every live server reload it in place,
-        reset its prefix cache, set and check its weight version."""
-        self._check_open()
-        t0 = time.perf_counter()
-        snapshot = self._write_snapshot(self._outgoing(buckets), version)
-        t_write = time.perf_counter() - t0
+    def _load_snapshot(self, snapshot: str, version: int) -> None:
+        """Every worker reloads in place from the snapshot (``vllm_worker_ext``)."""
         self._control("POST", "/collective_rpc",
                       {"method": "megatron_rlrt_reload_weights", "kwargs": {"weights_path": snapshot}},
                       what="reload_weights (start servers with --worker-extension-cls " + WORKER_EXTENSION + ")")
+
+    def _publish_version(self, version: int) -> None:
         self._control("POST", "/reset_prefix_cache", what="reset_prefix_cache")
         self._control("POST", "/update_weight_version", {"new_version": str(version)}, what="update_weight_version")
-        reported = {r.url: (r.body or {}).get("weight_version") for r in
-                    self._control("GET", "/weight_info", what="weight_info")}
-        self._check_versions(version, reported)
-        self.weight_version = int(version)
-        self._drop_old_snapshots(keep=snapshot)
-        self.metrics.update({"perf/weight_sync_s": time.perf_counter() - t0, "perf/weight_write_s": t_write})
+        self._check_versions(version, self.served_weight_versions())
+        self.note_version(version)
 
     def served_weight_versions(self) -> dict[str, str]:
-        return {r.url: (r.body or {}).get("weight_version") for r in self._control("GET", "/weight_info")}
+        return {r.url: (r.body or {}).get("weight_version") for r in
+                self._control("GET", "/weight_info", what="weight_info")}
 
     def _sleep_mode(self) -> bool:
         """Colocated servers sleep while the trainer trains (colocated means CUDA: see __init__)."""

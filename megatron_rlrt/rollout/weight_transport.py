@@ -257,11 +257,7 @@ class DiskTransport(WeightTransport):
     name = "disk"
 
     def update(self, engine, buckets: Iterable[Bucket], version: int) -> None:
-        root = engine.weight_sync_dir or engine._tmpdir("weights")
-        snapshot = write_hf_snapshot(buckets, version, root, engine.model_path)
-        engine.post_update_from_disk(snapshot, version)
-        engine.finish_update(version, close_session=False)
-        drop_old_snapshots(keep=snapshot)
+        engine.update_from_snapshot(buckets, version)  # the server-engine base's disk update
 
 
 TRANSPORTS = {"tensor": TensorTransport, "distributed": DistributedTransport, "disk": DiskTransport}

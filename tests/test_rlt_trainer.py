@@ -124,3 +124,16 @@ def test_rlt_rollout_prompt_needs_a_reference_solution():
     tok = load_tokenizer()
     text = tok.decode(rlt_rollout_prompt(tok, row))
     assert "1 + 1 = ?" in text and text.endswith("<|begin_of_explanation|>\n\n") and "\n\n2\n\n" in text
+
+
+def test_rlt_recipe_is_the_authors_run():
+    import os
+
+    from megatron_rlrt.algorithms.rlt import RLT_LOGPROB_TEMPERATURE
+
+    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "recipes", "rlt_teacher_qwen3_8b.yaml")
+    cfg = parse_config(["--config", recipe])
+    assert cfg.advantage_estimator == "rlt" and cfg.resolved_std_normalize()
+    assert (cfg.rlt_alpha, cfg.rlt_lambda, cfg.rollout_temperature) == (RLT_ALPHA, RLT_LAMBDA, RLT_LOGPROB_TEMPERATURE)
+    assert cfg.rollout_batch_size * cfg.n_samples_per_prompt == cfg.global_batch_size == 1024
+    assert (cfg.lr, cfg.train_iters, cfg.rollout_max_response_len) == (1e-6, 125, 16384)

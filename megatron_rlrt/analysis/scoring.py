@@ -271,33 +271,23 @@ def _model_inputs(packed: PackedBatch, device) -> dict:
 
 
 def _forward(chunks, ctx: _Context):
-    """One pack through megatron's schedule (no grad); the hook's output on the last stage, else None."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    """One pack through megatron's schedule (``models.forward.run_schedule``, no grad); the hook's
+    output on the last stage, else None."""
+    from megatron_rlrt.models.forward import run_schedule
     from megatron_rlrt.platform import current_device
 
     device = current_device()
-    got: list = []
+    inputs = _model_inputs(ctx.pack.packed, device)
 
-    def step(data_iterator, model):
-        next(data_iterator)
-        out = model(**_model_inputs(ctx.pack.packed, device), output_processor=_output_processor,
-                    output_processor_context=ctx)
+    def forward(model, _pack):
+        return model(**inputs, output_processor=_output_processor, output_processor_context=ctx)
 
-        def loss_func(result):
-            got.append(result)
-            return torch.zeros((), device=device), {}
+    def loss_fn(_pack, stats):  # the schedule hands the hook's dict to loss_fn; it comes back as the report
+        return torch.zeros((), device=device), stats
 
-        # the schedule hands the "output tensor" to loss_func: a dict passes through unchanged
-        return out, loss_func
-
-    chunks = list(chunks)
-    data = [iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None])
     with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=1, seq_length=ctx.pack.packed.num_tokens, micro_batch_size=1, forward_only=True)
-    return got[0] if got else None
+        reports = run_schedule(chunks, [ctx.pack], forward, loss_fn, ctx.pack.packed.num_tokens, forward_only=True)
+    return reports[0] if reports else None
 
 
 def _split(pack: _Pack, stats: dict) -> dict[int, PositionScores]:

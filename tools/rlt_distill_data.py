@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def question_of(problem) -> str:
-    """The question as the file has it: the prompt text, or the last user turn of chat messages."""
-    if isinstance(problem.prompt, str):
-        return problem.prompt
-    users = [m.get("content", "") for m in problem.prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
+    """The question as the file has it: the prompt text, or the last user turn of chat messages
+    (the same question the trainer's ``rlt`` method puts in the teacher prompt)."""
+    from megatron_rlrt.algorithms.rlt import rlt_question
+
+    return rlt_question(problem)
 
 
 def sft_row(problem, explanation: str, closed: bool, think=None) -> dict:

@@ -164,7 +164,7 @@ def test_cp_split_puts_teacher_tokens_on_another_rank_than_their_student_source(
     rows = [PackRow([1] * 13, [2] * 61, "student", 0), PackRow([1] * 34, [2] * 61, "teacher", 0)]
     owner = {}
     for rank in (0, 1):
-        monkeypatch.setattr(model_step, "_cp", lambda rank=rank: (2, rank))
+        monkeypatch.setattr(model_step, "cp_size_rank", lambda rank=rank: (2, rank))
         mb = model_step.build_microbatch(rows, model_step.StepOptions(topk=4))
         owner.update({int(c): rank for c in mb.cp.slots})
         src = mb.teacher_src

@@ -13,22 +13,8 @@ token-mean is over the whole optimizer mini-batch.
 Both run megatron's schedules through ``models.forward.run_schedule``: no pipeline, 1F1B or
 interleaved, as configured.
 
-Context parallelism (``--context-parallel-size``): every row is padded at its end to a multiple of
-2 x CP (x TP under sequence parallelism), each CP rank feeds the model its zigzag share of the
-packed sequence (chunks i and 2*CP-1-i of every row) with ``cu_seqlens`` of the full lengths, so
-RoPE sees each token's real position (megatron's THD rotary) and attention all rows whole (TE p2p
-on a GPU, PackedCoreAttention on a CPU). The LM head and the log-prob op run on local tokens
-(TP reductions inside the op); then only the per-token columns cross CP: they are all-gathered
-back into sequence order, other ranks' values detached, this rank's with their gradient. Every CP
-rank therefore sees the whole per-token picture -- the student and teacher log-probs of a response
-token are paired even when its student and teacher rows sit in different chunks -- and computes
-the same loss; only its own tokens carry gradient, megatron's DDP sums gradients over DP x CP,
-and the token count is reported by CP rank 0 alone, so the divisor is the global count once
-(NeMo-RL / verl's design rather than slime's local loss: advantages, RLRT weights and metrics
-read whole rows, and nothing downstream needs to know about CP). Top-K distillation works the
-same way: the top-K ids and log-probs are columns like the others; in the shared student+teacher
-pass a teacher position reads its ids from the gathered columns of its student position (often on
-the other CP rank), then its columns are gathered again.
+Context parallelism: each CP rank feeds the model its zigzag share of every micro-batch and the
+per-token columns are all-gathered back (``trainer/context_parallel.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +25,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from megatron_rlrt.models.forward import run_schedule
-from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs, zigzag_index
+from megatron_rlrt.packing import PackedBatch, PackRow, pack_rows, plan_packs
 from megatron_rlrt.platform import current_device
+from megatron_rlrt.trainer.context_parallel import (CpSplit, cp_size_rank, gather_columns_over_cp,
+                                                   report_on_cp_rank0, split_for_cp)
 from megatron_rlrt.trainer.logprobs import ColumnLayout, LogprobRequest, logprob_columns
 from megatron_rlrt.trainer.rollout_batch import Sample
 
@@ -58,17 +46,7 @@ class MicroBatch:
     teacher_src: torch.Tensor | None = None
     # the packed position of every output column, in column order (all label positions, sorted)
     label_positions: torch.Tensor | None = None
-    cp: "CpSplit | None" = None  # context parallelism: this rank's share and the gather map
-
-
-@dataclass
-class CpSplit:
-    """This CP rank's part of a micro-batch (``request.positions`` index its local sequence)."""
-
-    local_index: torch.Tensor  # packed positions fed to the model on this rank, in local order
-    slots: torch.Tensor  # output column of each local request row
-    counts: list[int]  # request rows per CP rank
-    order: torch.Tensor  # output column of each row of the CP all-gather (ranks concatenated)
+    cp: CpSplit | None = None  # context parallelism: this rank's share and the gather map
 
 
 @dataclass(frozen=True)
@@ -80,15 +58,6 @@ class StepOptions:
     pad_to_multiple_of: int = 1  # whole packed length (sequence parallelism, FP8 alignment)
     sequence_parallel_size: int = 1  # TP size when sequence parallel (multiplies the per-row CP padding)
     logprob_precision: str = "train"  # no-grad passes: "train" (same kernels as training) or "bf16" (FP8 off)
-
-
-def _cp() -> tuple[int, int]:
-    """(context-parallel size, rank); (1, 0) before megatron's groups exist."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 1, 0
-    return ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
 
 
 def _rows(samples: Sequence[Sample], with_teachers: bool) -> list[PackRow]:
@@ -129,8 +98,8 @@ def plan_microbatches(samples: Sequence[Sample], with_teachers: bool, micro_batc
 def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int, torch.Tensor] | None = None
                      ) -> MicroBatch:
     """Pack rows; request log-probs at every position that predicts a response token (with CP:
-    the positions this rank holds, see the module docstring)."""
-    cp_size, cp_rank = _cp()
+    the positions this rank holds, ``context_parallel.split_for_cp``)."""
+    cp_size, cp_rank = cp_size_rank()
     segment = 2 * cp_size * opts.sequence_parallel_size if cp_size > 1 else 1
     packed = pack_rows(rows, opts.pad_to_multiple_of, segment_multiple=segment)
     positions = packed.label_mask[0].nonzero()[:, 0]
@@ -145,18 +114,10 @@ def build_microbatch(rows: list[PackRow], opts: StepOptions, topk_ids: dict[int,
     split = None
     request_positions = positions
     if cp_size > 1:
-        column = torch.full((packed.num_tokens,), -1, dtype=torch.long)
-        column[positions] = torch.arange(len(positions))
-        per_rank = []
-        for r in range(cp_size):
-            local = zigzag_index(packed.cu_seqlens, cp_size, r)
-            cols = column[local]
-            per_rank.append((local, (cols >= 0).nonzero()[:, 0], cols[cols >= 0]))
-        local_index, request_positions, slots = per_rank[cp_rank]
-        split = CpSplit(local_index, slots, [len(p[2]) for p in per_rank], torch.cat([p[2] for p in per_rank]))
-        targets = targets[slots]
+        request_positions, split = split_for_cp(packed, positions, cp_size, cp_rank)
+        targets = targets[split.slots]
         if ids is not None:  # the top-K ids of this rank's rows (chosen in collect over whole rows)
-            ids = ids[slots]
+            ids = ids[split.slots]
     request = LogprobRequest(request_positions, targets, opts.temperature, opts.with_entropy, opts.topk, ids)
     teacher_src = None
     if opts.topk and topk_ids is None and packed.teacher_index.numel():
@@ -213,25 +174,6 @@ def output_processor(*, hidden_states, output_layer, output_weight, context: Mic
     return cols
 
 
-def gather_columns_over_cp(cols: torch.Tensor, split: CpSplit) -> torch.Tensor:
-    """[all label positions, C] in sequence order from every CP rank's local columns: one
-    all-gather of per-token values (padded to the largest share); other ranks' rows are
-    detached, this rank's keep their gradient."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_context_parallel_group()
-    width = max(split.counts)
-    mine = cols.new_zeros((width, cols.shape[1]))
-    mine[: cols.shape[0]] = cols.detach()
-    parts = [torch.empty_like(mine) for _ in split.counts]
-    dist.all_gather(parts, mine, group=group)
-    gathered = torch.cat([p[:n] for p, n in zip(parts, split.counts)])
-    full = cols.new_empty((len(split.order), cols.shape[1]))
-    full[split.order.to(cols.device)] = gathered
-    return full.index_put((split.slots.to(cols.device),), cols)  # out of place: grads of local rows
-
-
 def model_inputs(mb: MicroBatch, opts: StepOptions, device: torch.device) -> dict:
     """Packed (THD) inputs: row boundaries as ``cu_seqlens``, no [N, N] mask. TE's attention
     (GPU) and the local spec's PackedCoreAttention (CPU) both read them."""
@@ -264,7 +206,7 @@ def run_pipeline(chunks, microbatches: list[MicroBatch], opts: StepOptions, loss
                      output_processor_context=ctx)
 
     _check_stages_agree(len(microbatches))
-    cp_size, _ = _cp()
+    cp_size, _ = cp_size_rank()
     longest = max(mb.packed.num_tokens for mb in microbatches) // cp_size
     return run_schedule(chunks, microbatches, forward, loss_fn, longest, forward_only)
 
@@ -308,7 +250,7 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
     other weights (a separate pass over teacher prompts) is scored at the policy's top-K.
     """
     mbs = [build_microbatch(rows, opts, topk_ids) for rows in
-           plan_microbatches(samples, True, micro_batch_size, max_tokens, _cp()[0])]
+           plan_microbatches(samples, True, micro_batch_size, max_tokens, cp_size_rank()[0])]
     out = Collected({}, {}, {}, {}, student_topk_logprobs={} if topk_ids is not None else None)
     k = opts.topk
     layout = ColumnLayout(opts.with_entropy, k, with_topk_ids=bool(k) and topk_ids is None)
@@ -397,20 +339,10 @@ def stage_topk_ids(samples: Sequence[Sample], ids_of: Callable[[int], torch.Tens
 def train_minibatch(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_size: int,
                     max_tokens: int | None, loss_fn: Callable, topk_ids: dict[int, torch.Tensor] | None) -> list[dict]:
     """Forward+backward over this rank's samples of the mini-batch; returns loss_fn's metrics."""
-    cp_size, cp_rank = _cp()
+    cp_size, cp_rank = cp_size_rank()
     mbs = [build_microbatch(rows, opts, topk_ids) for rows in
            plan_microbatches(samples, False, micro_batch_size, max_tokens, cp_size)]
-    if cp_rank > 0:
-        # every CP rank computes the same loss over the whole rows (its own tokens carry the
-        # gradient); only CP rank 0 reports the token count and metrics, so megatron's divisor
-        # (summed over DP x CP) and the logged means count each token once
-        inner = loss_fn
-
-        def loss_fn(mb, cols):
-            loss, count, _ = inner(mb, cols)
-            return loss, torch.zeros_like(count), {}
-
-    return run_pipeline(chunks, mbs, opts, loss_fn, forward_only=False)
+    return run_pipeline(chunks, mbs, opts, report_on_cp_rank0(loss_fn, cp_rank), forward_only=False)
 
 
 def student_values(mb: MicroBatch, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,9 +59,9 @@ def initialize(layout: ParallelLayout, seed: int = 1234, timeout_minutes: int = 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    if platform.is_cuda:  # before any CUDA work or NCCL communicator, also when the group exists already
+        torch.cuda.set_device(platform.device)
     if not dist.is_initialized():
-        if platform.is_cuda:
-            torch.cuda.set_device(platform.device)
         dist.init_process_group(
             backend=platform.backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )

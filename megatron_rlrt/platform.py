@@ -122,11 +122,24 @@ def has_transformer_engine() -> bool:
     return True
 
 
+def local_gpu_index(local_rank: int | None = None, visible: int | None = None) -> int:
+    """This rank's GPU: ``LOCAL_RANK`` (torchrun: one rank per GPU). More ranks on a node than
+    visible GPUs is refused here: two ranks on one GPU would fail later inside NCCL ("Duplicate GPU
+    detected") or run out of memory, and colocated servers map GPU i to local rank i."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else int(local_rank)
+    visible = torch.cuda.device_count() if visible is None else int(visible)
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one rank per GPU "
+            f"(torchrun --nproc-per-node <= {visible})")
+    return local_rank
+
+
 def detect() -> Platform:
     """The device and distributed backend this process should use."""
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return Platform(torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl", has_transformer_engine())
+        return Platform(torch.device("cuda", local_gpu_index()), "nccl", has_transformer_engine())
     return Platform(torch.device("cpu"), "gloo", False)
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import torch
@@ -131,13 +132,21 @@ class _Fakes:
     def start(self, *flags) -> str:
         from megatron_rlrt.rollout.launch import ServerProcess, find_free_port
 
-        port = find_free_port(32000 + 10 * len(self.procs))
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "fake_sglang_server.py"), "--port", str(port), *flags]
-        proc = ServerProcess(f"fake {port}", cmd, {"OMP_NUM_THREADS": "1"}, str(self.tmp / f"fake{port}.log")).start()
-        self.procs.append(proc)
-        proc.wait_healthy(url, path="/health", timeout_s=120)
-        return url
+        for attempt in range(5):
+            port = find_free_port(32000 + 10 * len(self.procs) + 100 * attempt)
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, os.path.join(REPO, "tests", "helpers", "fake_sglang_server.py"), "--port", str(port),
+                   *flags]
+            proc = ServerProcess(f"fake {port}", cmd, {"OMP_NUM_THREADS": "1"},
+                                 str(self.tmp / f"fake{port}.log")).start()
+            self.procs.append(proc)
+            proc.wait_healthy(url, path="/health", timeout_s=120)
+            # another process may have taken the port first (and answered the health check)
+            with urllib.request.urlopen(url + "/_fake/state", timeout=30) as resp:
+                if json.load(resp).get("pid") == proc.pid:
+                    return url
+            proc.stop()
+        raise RuntimeError("no free port for a fake server after 5 tries")
 
     def stop(self):
         for p in self.procs:

@@ -136,17 +136,21 @@ def rl_loss(mb: MicroBatch, cols: torch.Tensor, inputs: dict[int, SampleInputs],
     per_seq = config.policy.agg_mode != "token-mean"
     count = (loss_mask.any(1).sum() if per_seq else loss_mask.sum()).to(torch.int)
     metrics = MetricSums()
-    num_tokens = float(mask.sum())
-    for name, v in policy.metrics.items():
-        if name != "num_tokens":
-            key = f"loss/{name}" if name.startswith("pg_") else f"actor/{name}"
-            if name.endswith("_max"):
-                metrics.add(key, v.item())
-            else:
-                metrics.add(key, v.item() * num_tokens, num_tokens)
-    metrics.add("loss/pg", parts.get("pg_loss", torch.zeros(())).item(), float(count))
+    names = [n for n in policy.metrics if n != "num_tokens"]
+    # every scalar of this micro-batch in one device->host copy (one sync on a GPU, not one per metric)
+    scalars = [mask.sum(), count, parts.get("pg_loss", torch.zeros((), device=dev)),
+               *(policy.metrics[n] for n in names)] + ([parts["distill_loss"]] if "distill_loss" in parts else [])
+    host = torch.stack([v.detach().reshape(()).to(dev, torch.float64) for v in scalars]).tolist()
+    num_tokens, n_count, pg = host[0], host[1], host[2]
+    for name, v in zip(names, host[3:3 + len(names)]):
+        key = f"loss/{name}" if name.startswith("pg_") else f"actor/{name}"
+        if name.endswith("_max"):
+            metrics.add(key, v)
+        else:
+            metrics.add(key, v * num_tokens, num_tokens)
+    metrics.add("loss/pg", pg, n_count)
     if "distill_loss" in parts:
-        metrics.add("loss/distill", parts["distill_loss"].item(), float(count))
+        metrics.add("loss/distill", host[-1], n_count)
     return loss, count, metrics
 
 

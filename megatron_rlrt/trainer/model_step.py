@@ -261,9 +261,11 @@ def collect(chunks, samples: Sequence[Sample], opts: StepOptions, micro_batch_si
         for role, gather, sample_index in (("student", mb.packed.gather_student, mb.packed.student_sample_index),
                                            ("teacher", mb.packed.gather_teacher, mb.packed.teacher_sample_index)):
             values, mask = gather(full)
+            # one device->host copy per role and micro-batch (not one sync per row on a GPU)
+            values, lengths = values.float().cpu(), mask.sum(1).tolist()
             for row, sample in enumerate(sample_index.tolist()):
-                n = int(mask[row].sum())
-                v = values[row, :n].float().cpu()
+                n = int(lengths[row])
+                v = values[row, :n]
                 if role == "student":
                     out.student_logprobs[sample] = v[:, layout.logprob]
                     if k and topk_ids is not None:

@@ -40,5 +40,5 @@ step check_megatron "${MEGATRON_S:-150}" python3 tests/gpu/check_megatron.py --o
 step check_sglang "${SGLANG_S:-100}" python3 tests/gpu/check_sglang.py --output "$OUT/check_sglang.json"
 step check_fp8 "${FP8_S:-240}" python3 tests/gpu/check_fp8.py --out "$OUT"  # "not run" records without TE
 step check_long_context "${LONG_S:-150}" python3 tests/gpu/check_long_context.py --stdout-only  # result in gpu_run.log; "not run" without TE
-step check_weight_ipc "${IPC_S:-60}" env OUT="$OUT" python3 tests/gpu/check_weight_ipc.py  # torch only
+step check_weight_ipc "${IPC_S:-120}" env OUT="$OUT" python3 tests/gpu/check_weight_ipc.py  # torch only; + per-rank handles of 2 processes
 exit $rc

@@ -449,7 +449,7 @@ class Fake:
         return web.json_response({
             "calls": self.calls, "weights": {n: checksum(t) for n, t in self.weights.items()},
             "version": self.version, "released": sorted(self.released), "generate_count": self.generate_count,
-            "violations": self.violations, "shm_senders": sorted(SHM_SENDERS),
+            "violations": self.violations, "shm_senders": sorted(SHM_SENDERS), "pid": os.getpid(),
             "senders_by_tp_rank": {str(k): sorted(v) for k, v in self.senders_by_tp_rank.items()}})
 
     async def dump(self, request):
@@ -511,7 +511,7 @@ def run_router(args) -> None:
     import aiohttp
 
     workers = [u.strip().rstrip("/") for u in args.router_for.split(",") if u.strip()]
-    state = {"next": 0, "forwarded": {u: 0 for u in workers}}
+    state = {"next": 0, "forwarded": {u: 0 for u in workers}, "pid": os.getpid()}
 
     async def generate(request):
         body = await request.read()

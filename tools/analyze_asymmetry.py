@@ -52,40 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlrt.analysis import cli
-    from megatron_rlrt.analysis import rollouts as R
     from megatron_rlrt.analysis.checkpoints import resolve
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
 
-    try:
-        ref = resolve(args.checkpoint)
-        return _run(args, ref)
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        return cli.fail(exc)
+    return cli.run_tool(lambda: _run(args, resolve(args.checkpoint)))
 
 
 def _run(args, ref) -> int:
     from megatron_rlrt.analysis import asymmetry as A
     from megatron_rlrt.analysis import cli, plots
-    from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
-    from megatron_rlrt.analysis.scoring import ScoreOptions
+    from megatron_rlrt.analysis.jobs import ScoreTask, run_scoring
     from megatron_rlrt.analysis.stats import sparsity
     from megatron_rlrt.tokenizer import load_tokenizer
 
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer = load_tokenizer(ref.tokenizer_dir)
-    records = cli.obtain_records(args, ref, args.output_dir, tokenizer)
-    flat, items, vstats = cli.teacher_items(records, tokenizer, args)
+    _, flat, items, vstats = cli.rollout_views(args, ref, args.output_dir, tokenizer)
     chosen = [it for it, r in zip(items, flat) if it.teacher_prompt_ids is not None
               and (args.select == "all" or r.correct) and r.response_ids][: args.max_rollouts]
     if not chosen:
         raise ValueError(f"no rollout to analyse: {vstats.built} of {len(flat)} rollouts got a teacher view "
                          f"(context {args.teacher_context!r}: a peer context needs a problem with 2+ correct rollouts), "
                          f"--select {args.select}")
-    run = ScoreRun(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.dtype,
-                   ScoreOptions(topk=args.topk, max_tokens_per_pack=args.max_tokens_per_pack), args.progress)
-    [scores] = run_scoring([ScoreTask("views", ref, chosen)], run)
+    [scores] = run_scoring([ScoreTask("views", ref, chosen)], cli.score_run(args, args.topk))
     if not cli.is_writer():
         return 0
 

@@ -71,31 +71,25 @@ def shift_statistics(scores, js_threshold: float, max_k: int) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlrt.analysis import cli
-    from megatron_rlrt.analysis import rollouts as R
     from megatron_rlrt.analysis.checkpoints import check_same_architecture, resolve
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
-    from tools.evaluate import _split_named
 
-    try:
-        if args.rollouts:
-            raise ValueError("distribution_shift generates rollouts of every policy: give --data, not --rollouts")
+    def body():
+        cli.require_generated(args, "distribution_shift", "rollouts of every policy")
         base = resolve(args.base, "base")
-        fts = [resolve(path, label) for label, path in _split_named(args.checkpoint, "checkpoint")]
+        fts = cli.named_checkpoints(args.checkpoint)
         if any(f.label == "base" for f in fts):
             raise ValueError("'base' is the base policy's label; name the fine-tuned checkpoints otherwise")
         check_same_architecture([base] + fts)
         return _run(args, base, fts)
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        return cli.fail(exc)
+
+    return cli.run_tool(body)
 
 
 def _run(args, base, fts) -> int:
     from megatron_rlrt.analysis import cli, plots
     from megatron_rlrt.analysis import rollouts as R
-    from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
-    from megatron_rlrt.analysis.scoring import ScoreItem, ScoreOptions
+    from megatron_rlrt.analysis.jobs import ScoreTask, run_scoring
+    from megatron_rlrt.analysis.scoring import ScoreItem
     from megatron_rlrt.data.readers import iter_rows
     from megatron_rlrt.tokenizer import load_tokenizer
 
@@ -119,8 +113,7 @@ def _run(args, base, fts) -> int:
         records = cli.obtain_records(ft_args, ft, os.path.join(args.output_dir, ft.label.replace("/", "_")), tokenizer)
         items = [ScoreItem(i, r.prompt_ids, r.response_ids) for i, r in enumerate(R.flatten(records)) if r.response_ids]
         tasks.append(ScoreTask("policies", ft, items, b=base))
-    run = ScoreRun(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.dtype,
-                   ScoreOptions(topk=args.max_k, max_tokens_per_pack=args.max_tokens_per_pack), args.progress)
+    run = cli.score_run(args, topk=args.max_k)
     scored = run_scoring(tasks, run)
     if not cli.is_writer():
         return 0

@@ -74,25 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split_named(values, what):
-    out = []
-    for v in values:
-        name, sep, path = v.partition("=")
-        if sep and name and not os.path.exists(v):
-            out.append((name, path))
-        else:
-            stem = os.path.basename(os.path.normpath(v))
-            for suffix in (".jsonl.gz", ".json.gz", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"):
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-            out.append((stem, v))
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"{what} names {dup} are used twice; give them distinct NAME= prefixes")
-    return out
-
-
 SETTINGS_KEYS = ("n_samples", "temperature", "top_p", "top_k", "max_new_tokens", "enable_thinking", "instruction",
                  "system_prompt", "seed", "reward")
 
@@ -152,24 +133,20 @@ def write_summary(out_dir: str, table: dict, n: int) -> tuple[str, str, str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_rlrt.analysis import checkpoints as C
+    from megatron_rlrt.analysis import cli
     from megatron_rlrt.analysis import rollouts as R
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
 
-    try:
+    def body():
         R.Sampling(args.n_samples, args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed).check()
-        refs = [C.resolve(path, label) for label, path in _split_named(args.checkpoint, "checkpoint")]
-        benches = _split_named(args.data, "benchmark")
+        refs = cli.named_checkpoints(args.checkpoint)
+        benches = cli.split_named(args.data, "benchmark")
         for _, path in benches:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--data {path}: no such file")
         _check_settings(args.output_dir, args)
         return _run(args, refs, benches)
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return cli.run_tool(body)
 
 
 def _run(args, refs, benches) -> int:

@@ -65,38 +65,30 @@ def select_rollouts(flat, items, how: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlrt.analysis import cli
-    from megatron_rlrt.analysis import rollouts as R
     from megatron_rlrt.analysis.checkpoints import resolve
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
 
-    try:
+    def body():
         if args.stopwords and not os.path.isfile(args.stopwords):
             raise FileNotFoundError(f"--stopwords {args.stopwords}: no such file")
         return _run(args, resolve(args.checkpoint))
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        return cli.fail(exc)
+
+    return cli.run_tool(body)
 
 
 def _run(args, ref) -> int:
     from megatron_rlrt.analysis import cli, plots
-    from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
+    from megatron_rlrt.analysis.jobs import ScoreTask, run_scoring
     from megatron_rlrt.analysis.markers import corpora, marker_table
-    from megatron_rlrt.analysis.scoring import ScoreOptions
     from megatron_rlrt.tokenizer import load_tokenizer
 
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer = load_tokenizer(ref.tokenizer_dir)
-    records = cli.obtain_records(args, ref, args.output_dir, tokenizer)
-    flat, items, vstats = cli.teacher_items(records, tokenizer, args)
+    _, flat, items, vstats = cli.rollout_views(args, ref, args.output_dir, tokenizer)
     chosen = select_rollouts(flat, items, args.select)[: args.max_rollouts]
     if not chosen:
         raise ValueError(f"no rollout for --select {args.select}: {vstats.built} of {len(flat)} rollouts have a teacher "
                          f"view (context {args.teacher_context!r})")
-    run = ScoreRun(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.dtype,
-                   ScoreOptions(topk=1, max_tokens_per_pack=args.max_tokens_per_pack), args.progress)
-    [scores] = run_scoring([ScoreTask("views", ref, chosen)], run)
+    [scores] = run_scoring([ScoreTask("views", ref, chosen)], cli.score_run(args, topk=1))
     if not cli.is_writer():
         return 0
     stop = None

@@ -53,20 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlrt.analysis import cli
-    from megatron_rlrt.analysis import rollouts as R
-    from megatron_rlrt.analysis.checkpoints import resolve
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
-    from tools.evaluate import _split_named
 
-    try:
-        if args.rollouts:
-            raise ValueError("reflection_injection generates its own rollouts per checkpoint: give --data, not --rollouts")
-        refs = [resolve(path, label) for label, path in _split_named(args.checkpoint, "checkpoint")]
-        return _run(args, refs)
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        return cli.fail(exc)
+    def body():
+        cli.require_generated(args, "reflection_injection", "its own rollouts per checkpoint")
+        return _run(args, cli.named_checkpoints(args.checkpoint))
+
+    return cli.run_tool(body)
 
 
 def injection_sites(d_bar, rng: random.Random) -> dict:
@@ -78,10 +70,7 @@ def injection_sites(d_bar, rng: random.Random) -> dict:
 
 def _run(args, refs) -> int:
     from megatron_rlrt.analysis import cli, plots
-    from megatron_rlrt.analysis import rollouts as R
-    from megatron_rlrt.analysis.checkpoints import hf_dir_for_generation
-    from megatron_rlrt.analysis.jobs import ScoreRun, ScoreTask, run_scoring
-    from megatron_rlrt.analysis.scoring import ScoreOptions
+    from megatron_rlrt.analysis.jobs import ScoreTask, run_scoring
     from megatron_rlrt.reward import get_reward
     from megatron_rlrt.tokenizer import load_tokenizer
 
@@ -90,8 +79,7 @@ def _run(args, refs) -> int:
     plans, tasks = [], []
     for ref in refs:  # 1. rollouts and the rollouts to inject into, per checkpoint
         out = os.path.join(args.output_dir, ref.label.replace("/", "_"))
-        records = cli.obtain_records(args, ref, out, tokenizer)
-        flat, items, _ = cli.teacher_items(records, tokenizer, args)
+        records, flat, items, _ = cli.rollout_views(args, ref, out, tokenizer)
         n_correct = [records[r.problem]["n_correct"] for r in flat]
         per_problem: dict = {}
         chosen = []
@@ -105,8 +93,7 @@ def _run(args, refs) -> int:
             chosen.append((it, r, subset))
         plans.append((ref, out, records, chosen))
         tasks.append(ScoreTask("views", ref, [it for it, _, _ in chosen]))
-    run = ScoreRun(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.dtype,
-                   ScoreOptions(topk=1, max_tokens_per_pack=args.max_tokens_per_pack), args.progress)
+    run = cli.score_run(args, topk=1)
     scored = run_scoring([t for t in tasks if t.items], run) if any(t.items for t in tasks) else []
     if not cli.is_writer():
         return 0

@@ -81,19 +81,16 @@ def sft_row(problem, explanation: str, closed: bool, think=None) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_rlrt.analysis import checkpoints as C
+    from megatron_rlrt.analysis import cli
     from megatron_rlrt.analysis import rollouts as R
-    from megatron_rlrt.data.errors import DatasetError
-    from megatron_rlrt.models.qwen3 import CheckpointError
-    from megatron_rlrt.rollout.base import RolloutError
 
-    try:
+    def body():
         R.Sampling(args.n_samples, args.temperature, args.top_p, -1, args.max_new_tokens, args.seed).check()
         if not os.path.isfile(args.data):
             raise FileNotFoundError(f"--data {args.data}: no such file")
         return _run(args, C.resolve(args.teacher))
-    except (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return cli.run_tool(body)
 
 
 def _run(args, ref) -> int:

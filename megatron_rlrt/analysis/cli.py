@@ -1,12 +1,13 @@
-"""Command-line pieces shared by the analysis tools: where rollouts come from, teacher views,
-the model-parallel layout of the scoring forward."""
+"""Command-line pieces shared by the analysis tools: checkpoints named on the command line, where
+rollouts come from, teacher views, the model-parallel layout of the scoring forward, and how a
+tool turns a user's mistake into one ``error:`` line."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -130,3 +131,72 @@ def teacher_items(records: Sequence[dict], tokenizer, args, rows: Optional[Seque
 def fail(exc: Exception) -> int:
     print(f"error: {exc}", file=sys.stderr)
     return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors the user can fix (bad checkpoint, data or results file, a server, a missing file, a
+    bad value): reported as one ``error:`` line and exit code 2, not a traceback."""
+    from megatron_rlrt.data.errors import DatasetError
+    from megatron_rlrt.models.qwen3 import CheckpointError
+    from megatron_rlrt.rollout.base import RolloutError
+
+    return (CheckpointError, DatasetError, R.ResultsFileError, RolloutError, FileNotFoundError, ValueError)
+
+
+def run_tool(body: Callable[[], int]) -> int:
+    """A tool's ``main``: ``body()``, with ``user_errors`` as ``fail``."""
+    try:
+        return body()
+    except user_errors() as exc:
+        return fail(exc)
+
+
+def split_named(values: Sequence[str], what: str) -> list[tuple[str, str]]:
+    """``[NAME=]PATH`` values as (name, path); the name defaults to the file/directory name without
+    its data suffix. ValueError when two share a name."""
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name and not os.path.exists(v):
+            out.append((name, path))
+        else:
+            stem = os.path.basename(os.path.normpath(v))
+            for suffix in (".jsonl.gz", ".json.gz", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"):
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+            out.append((stem, v))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names {dup} are used twice; give them distinct NAME= prefixes")
+    return out
+
+
+def named_checkpoints(values: Sequence[str]) -> list:
+    """``--checkpoint [LABEL=]PATH`` values resolved (``checkpoints.resolve``), in order."""
+    from megatron_rlrt.analysis.checkpoints import resolve
+
+    return [resolve(path, label) for label, path in split_named(values, "checkpoint")]
+
+
+def require_generated(args, tool: str, what: str) -> None:
+    """Tools that generate ``what`` themselves take --data, not --rollouts."""
+    if args.rollouts:
+        raise ValueError(f"{tool} generates {what}: give --data, not --rollouts")
+
+
+def rollout_views(args, ref, out_dir: str, tokenizer):
+    """The rollouts of ``ref`` (``obtain_records`` into ``out_dir``) with the trainer's teacher
+    views: (records, rollouts, ScoreItems, view statistics)."""
+    records = obtain_records(args, ref, out_dir, tokenizer)
+    flat, items, stats = teacher_items(records, tokenizer, args)
+    return records, flat, items, stats
+
+
+def score_run(args, topk: int):
+    """The scoring forward of ``add_model_args``' flags, keeping the ``topk`` candidates."""
+    from megatron_rlrt.analysis.jobs import ScoreRun
+    from megatron_rlrt.analysis.scoring import ScoreOptions
+
+    return ScoreRun(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.dtype,
+                    ScoreOptions(topk=topk, max_tokens_per_pack=args.max_tokens_per_pack), args.progress)

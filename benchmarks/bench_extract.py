@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Answer extraction on adversarial responses (issue #13): time at n and 4n repeats of each
-pattern, for the linear extractor and for the previous per-candidate scan / lazy regex
-(re-implemented here as the baseline). Linear code grows ~4x from n to 4n, quadratic ~16x.
+pattern, for the linear extractor and for the previous per-candidate scan / lazy regex (the
+baseline: ``megatron_rlrt/reward/testing.py``'s reference rules, also the tests' oracle). Linear
+code grows ~4x from n to 4n, quadratic ~16x.
 
     python benchmarks/bench_extract.py --repeats 2000 8000
 """
@@ -10,43 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_rlrt.reward.extract import extract_math_answer, extract_tagged_answer  # noqa: E402
-
-_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", flags=re.DOTALL)
-
-
-def _old_last_boxed(text):
-    """The previous extractor: one brace scan per \\boxed candidate, from the last one back."""
-    def braced(start):
-        depth, i = 0, start
-        while i < len(text):
-            c = text[i]
-            if c == "\\":
-                i += 2
-                continue
-            depth += (c == "{") - (c == "}")
-            if c == "}" and depth == 0:
-                return i + 1
-            i += 1
-        return None
-
-    for m in reversed(list(_BOX.finditer(text))):
-        i = m.end()
-        if i < len(text) and text[i] == "{" and braced(i) is not None:
-            return text[i + 1 : braced(i) - 1]
-    return None
-
-
-def _old_answer_tag(text):
-    matches = list(_TAG.finditer(text))
-    return matches[-1].group(1).strip() if matches else None
+from megatron_rlrt.reward.testing import PATHOLOGICAL_PIECES, reference_answer_tag, reference_last_boxed  # noqa: E402
 
 
 def _time(fn, text):
@@ -59,8 +30,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, nargs=2, default=[2000, 8000], help="n and a larger n")
     args = p.parse_args()
-    cases = [("\\boxed{ x n", "\\boxed{", extract_math_answer, _old_last_boxed),
-             ("<answer> x n", "<answer>", extract_tagged_answer, _old_answer_tag)]
+    ours_of = {"\\boxed{": extract_math_answer, "<answer>": extract_tagged_answer}
+    old_of = {"\\boxed{": reference_last_boxed, "<answer>": reference_answer_tag}
+    cases = [(name, piece, ours_of[piece], old_of[piece]) for name, piece in PATHOLOGICAL_PIECES.items()]
     print(f"{'input':<14}{'n':>7}{'chars':>9}{'ours s':>10}{'old s':>10}{'old/ours':>10}")
     for name, piece, ours, old in cases:
         times = []

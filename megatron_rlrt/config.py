@@ -161,7 +161,8 @@ class Config:
     n_samples_per_prompt: int = _f(8, "rollouts per prompt (GRPO group size K)")
     rollout_max_response_len: int = _f(1024, "maximum response tokens")
     rollout_max_prompt_len: int = _f(2048, "prompts longer than this are skipped (counted)")
-    rollout_temperature: float = _f(1.0, "sampling temperature (log-probs are computed at the same temperature)")
+    rollout_temperature: float = _f(1.0, "sampling temperature (log-probs are computed at the same temperature; "
+                                         "the RLT authors use 0.7)")
     rollout_top_p: float = _f(1.0, "nucleus (top-p) sampling threshold")
     rollout_top_k: int = _f(-1, "top-k sampling (-1: off)")
     rollout_batch_size_per_forward: int = _f(64, "sequences the hf engine generates at once")
@@ -188,9 +189,12 @@ class Config:
 
     # ---- algorithm ---------------------------------------------------------------------------
     advantage_estimator: str = _f("rlrt", "training method by name (algorithms/methods.py METHODS; rlrt: "
-                                          "reversed-teacher token weights on correct rollouts, eq. 6-7)", registry="methods")
+                                          "reversed-teacher token weights on correct rollouts, eq. 6-7; rlt: train "
+                                          "a teacher that sees the reference solution to write explanations, "
+                                          "rewarded by a frozen student, see --rlt-*)", registry="methods")
     std_normalize: Optional[bool] = _f(None, "divide group advantages by the group std (default per method: on "
-                                             "for rlrt/rlrt_all/rlsd, off otherwise, as Table 5)")
+                                             "for rlrt/rlrt_all/rlsd (Table 5) and rlt (the RLT authors' GRPO), off "
+                                             "otherwise)")
     dynamic_sampling: bool = _f(False, "drop groups whose rewards are all equal (DAPO); they carry no signal")
     rlrt_lambda: float = _f(0.5, "lambda_init: mix of the reverse weight into the advantage (eq. 7)")
     rlrt_clip_eps: float = _f(0.5, "eps_w: clip of the token weight to [1-eps_w, 1+eps_w] (paper best: 1.0 base, "

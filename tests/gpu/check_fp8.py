@@ -25,35 +25,16 @@ import json
 import os
 import sys
 import tempfile
-import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-RESULTS: dict = {"checks": {}}
+from tests.gpu.common import Checks, rl_config, rl_model, single_rank_env, sum_prompts  # noqa: E402
+
+CHECKS = Checks()
 ALL_RECIPES = ("tensorwise", "blockwise", "mxfp8", "delayed")
-
-
-def record(name, fn):
-    start = time.perf_counter()
-    try:
-        detail = fn()
-        RESULTS["checks"][name] = {"ok": True, "detail": detail, "seconds": round(time.perf_counter() - start, 2)}
-    except Exception as exc:  # recorded, the script goes on
-        RESULTS["checks"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": traceback.format_exc()[-3000:]}
-    print(f"[{'PASS' if RESULTS['checks'][name]['ok'] else 'FAIL'}] {name}: "
-          f"{RESULTS['checks'][name].get('detail', RESULTS['checks'][name].get('error'))}", flush=True)
-
-
-def _single_rank_env():
-    from megatron_rlrt import parallel
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(parallel.free_port()))
 
 
 def _flags_cfg(recipe: str | None):
@@ -73,19 +54,13 @@ def check_platform(wanted):
 
 
 def _tiny_model(tmp: str) -> str:
-    from tools.make_tiny_qwen3 import make_tiny_qwen3
-
-    path = os.path.join(tmp, "fp8-model")
-    if not os.path.isdir(path):
-        make_tiny_qwen3(path, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64)
-    return path
+    return rl_model(tmp, "fp8-model")
 
 
 def check_null_teacher(tmp: str, recipe: str | None, baseline: dict | None):
     from tests.helpers.precision_helpers import null_teacher_rank
 
-    _single_rank_env()
+    single_rank_env()
     out = os.path.join(tmp, f"null_{recipe or 'bf16'}.json")
     fp8 = dict(fp8_format="e4m3", fp8_recipe=recipe) if recipe else None
     null_teacher_rank(_tiny_model(tmp), "bfloat16", out, 16, (8,), ("same", "context"), repeats=3, fp8_flags=fp8)
@@ -104,24 +79,12 @@ def check_null_teacher(tmp: str, recipe: str | None, baseline: dict | None):
 
 def check_rl_steps(tmp: str, recipe: str | None, baseline: dict | None):
     from megatron_rlrt import parallel
-    from megatron_rlrt.config import parse_config
-    from megatron_rlrt.data.generators import write_jsonl
-    from megatron_rlrt.reward.registry import _REGISTERED, register_reward
-    from megatron_rlrt.reward.testing import HashParityVerifier
     from megatron_rlrt.trainer.trainer import Trainer
 
-    if "hash_parity" not in _REGISTERED:
-        register_reward("hash_parity", HashParityVerifier)
-    data = os.path.join(tmp, "train.jsonl")
-    write_jsonl([{"prompt": f"What is {a} + {b}? Put the answer in \\boxed{{}}.", "answer": str(a + b)}
-                 for a, b in ((i % 7 + 1, 3 * i % 11 + 2) for i in range(32))], data)
-    _single_rank_env()
+    data = sum_prompts(tmp)
+    single_rank_env()
     fp8 = ["--fp8-format", "e4m3", "--fp8-recipe", recipe] if recipe else []
-    cfg = parse_config(["--hf-checkpoint", _tiny_model(tmp), "--prompt-data", data, "--reward", "hash_parity",
-                        "--bf16", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
-                        "--rollout-max-response-len", "64", "--train-iters", "3", "--global-batch-size", "32",
-                        "--lr", "1e-5", "--no-progress", "--no-tensorboard", "--use-dynamic-batch-size",
-                        "--max-tokens-per-gpu", "8192", "--advantage-estimator", "rlrt", "--seed", "7"] + fp8)
+    cfg = rl_config(_tiny_model(tmp), data, train_iters=3, extra=["--seed", "7", *fp8])
     trainer = Trainer(cfg)
     try:
         steps = [trainer.step(s) for s in range(3)]
@@ -153,30 +116,21 @@ def main(argv=None) -> int:
         print("no CUDA device: this script is for the GPU machine", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    record("platform", lambda: check_platform(args.recipes))
-    plat = RESULTS["checks"]["platform"].get("detail") or {}
+    CHECKS.record("platform", lambda: check_platform(args.recipes))
+    plat = CHECKS.checks["platform"].get("detail") or {}
     if not plat.get("transformer_engine"):
         for name in ("null_teacher", "rl_steps"):
-            RESULTS["checks"][name] = {"ok": True, "not_run": True,
-                                       "detail": "not run: Transformer Engine not importable on this image"}
-            print(f"[NOT RUN] {name}: Transformer Engine not importable", flush=True)
+            CHECKS.not_run(name, "Transformer Engine not importable on this image")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            record("null_teacher_bf16", lambda: check_null_teacher(tmp, None, None))
-            base = RESULTS["checks"]["null_teacher_bf16"].get("detail")
-            record("rl_steps_bf16", lambda: check_rl_steps(tmp, None, None))
-            base_rl = RESULTS["checks"]["rl_steps_bf16"].get("detail")
+            CHECKS.record("null_teacher_bf16", lambda: check_null_teacher(tmp, None, None))
+            base = CHECKS.checks["null_teacher_bf16"].get("detail")
+            CHECKS.record("rl_steps_bf16", lambda: check_rl_steps(tmp, None, None))
+            base_rl = CHECKS.checks["rl_steps_bf16"].get("detail")
             for recipe in plat.get("recipes_accepted", []):
-                record(f"null_teacher_{recipe}", lambda r=recipe: check_null_teacher(tmp, r, base))
-                record(f"rl_steps_{recipe}", lambda r=recipe: check_rl_steps(tmp, r, base_rl))
-    with open(os.path.join(args.out, "check_fp8.json"), "w") as f:
-        json.dump(RESULTS, f, indent=2, default=str)
-    with open(os.path.join(args.out, "check_fp8.md"), "w") as f:
-        for name, r in RESULTS["checks"].items():
-            state = "NOT RUN" if r.get("not_run") else ("PASS" if r["ok"] else "FAIL")
-            f.write(f"- **{name}**: {state} {r.get('detail', r.get('error'))}\n")
-    return 0 if all(r["ok"] for r in RESULTS["checks"].values()) else 1
-
+                CHECKS.record(f"null_teacher_{recipe}", lambda r=recipe: check_null_teacher(tmp, r, base))
+                CHECKS.record(f"rl_steps_{recipe}", lambda r=recipe: check_rl_steps(tmp, r, base_rl))
+    return CHECKS.write(args.out, "check_fp8")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,31 +19,18 @@ check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-RESULTS: dict = {"checks": {}}
+from tests.gpu.common import Checks, rl_config, rl_model, single_rank_env, sum_prompts  # noqa: E402
 
-
-def record(name, fn):
-    start = time.perf_counter()
-    try:
-        detail = fn()
-        RESULTS["checks"][name] = {"ok": True, "detail": detail, "seconds": round(time.perf_counter() - start, 2)}
-    except Exception as exc:  # recorded, the script goes on
-        RESULTS["checks"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": traceback.format_exc()[-3000:]}
-    print(f"[{'PASS' if RESULTS['checks'][name]['ok'] else 'FAIL'}] {name}: "
-          f"{RESULTS['checks'][name].get('detail', RESULTS['checks'][name].get('error'))}", flush=True)
+CHECKS = Checks()
 
 
 def check_platform():
@@ -69,8 +56,7 @@ def check_parity(tmp: str, use_te: bool):
     torch.backends.cudnn.allow_tf32 = False
     from tests.conftest import TINY_CONFIGS as configs  # the same three architectures as the CPU tests
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(parallel.free_port()))
+    single_rank_env()
     parallel.initialize(parallel.ParallelLayout(1, 1))
     out = {}
     tokens = torch.randint(0, 151_000, (3, 17), generator=torch.Generator().manual_seed(7))
@@ -94,28 +80,11 @@ def check_parity(tmp: str, use_te: bool):
 
 def check_rl_steps(tmp: str):
     from megatron_rlrt import parallel
-    from megatron_rlrt.config import parse_config
-    from megatron_rlrt.data.generators import write_jsonl
-    from megatron_rlrt.reward.registry import _REGISTERED, register_reward
-    from megatron_rlrt.reward.testing import HashParityVerifier
     from megatron_rlrt.trainer.trainer import Trainer
-    from tools.make_tiny_qwen3 import make_tiny_qwen3
 
-    if "hash_parity" not in _REGISTERED:
-        register_reward("hash_parity", HashParityVerifier)
-    model = make_tiny_qwen3(os.path.join(tmp, "rl-model"), hidden_size=256, intermediate_size=512,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    data = os.path.join(tmp, "train.jsonl")
-    # plain sums written here: reasoning-gym's own dependencies are not on the GPU image
-    write_jsonl([{"prompt": f"What is {a} + {b}? Put the answer in \\boxed{{}}.", "answer": str(a + b)}
-                 for a, b in ((i % 7 + 1, 3 * i % 11 + 2) for i in range(32))], data)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(parallel.free_port()))
-    cfg = parse_config(["--hf-checkpoint", model, "--prompt-data", data, "--reward", "hash_parity", "--bf16",
-                        "--rollout-batch-size", "8", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "64",
-                        "--train-iters", "2", "--global-batch-size", "32", "--lr", "1e-5", "--no-progress",
-                        "--no-tensorboard", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "8192",
-                        "--advantage-estimator", "rlrt"])
+    model, data = rl_model(tmp, "rl-model"), sum_prompts(tmp)
+    single_rank_env()
+    cfg = rl_config(model, data, train_iters=2)
     trainer = Trainer(cfg)
     try:
         steps = [trainer.step(s) for s in range(2)]
@@ -139,21 +108,16 @@ def main(argv=None) -> int:
         print("no CUDA device: this script is for the GPU machine", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    record("platform", check_platform)
-    te = RESULTS["checks"]["platform"].get("detail", {}).get("transformer_engine", False)
+    CHECKS.record("platform", check_platform)
+    te = CHECKS.checks["platform"].get("detail", {}).get("transformer_engine", False)
     with tempfile.TemporaryDirectory() as tmp:
-        record("parity_local_spec", lambda: check_parity(tmp, use_te=False))
+        CHECKS.record("parity_local_spec", lambda: check_parity(tmp, use_te=False))
         if te:
-            record("parity_te_spec", lambda: check_parity(tmp, use_te=True))
+            CHECKS.record("parity_te_spec", lambda: check_parity(tmp, use_te=True))
         else:
-            RESULTS["checks"]["parity_te_spec"] = {"ok": True, "detail": "skipped: Transformer Engine not importable"}
-        record("rl_steps_bf16", lambda: check_rl_steps(tmp))
-    with open(os.path.join(args.out, "check_megatron.json"), "w") as f:
-        json.dump(RESULTS, f, indent=2, default=str)
-    with open(os.path.join(args.out, "check_megatron.md"), "w") as f:
-        for name, r in RESULTS["checks"].items():
-            f.write(f"- **{name}**: {'PASS' if r['ok'] else 'FAIL'} {r.get('detail', r.get('error'))}\n")
-    return 0 if all(r["ok"] for r in RESULTS["checks"].values()) else 1
+            CHECKS.not_run("parity_te_spec", "Transformer Engine not importable")
+        CHECKS.record("rl_steps_bf16", lambda: check_rl_steps(tmp))
+    return CHECKS.write(args.out, "check_megatron")
 
 
 if __name__ == "__main__":

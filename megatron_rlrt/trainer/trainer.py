@@ -7,6 +7,8 @@ One RL step (``Trainer.step``), as data, and where each part lives:
             -> teacher views (RLRT: correct rollouts of groups with A != 0)
             -> broadcast; split into optimizer mini-batches and DP shards    rollout_batch.dp_shard
             -> ONE packed forward: log P_S(y_t) and log P_T(y_t)             model_step.score_rollouts
+            -> model-computed rewards (RLT): frozen scorer pass over the     model_reward.apply_model_reward
+               reward views, rewards gathered over DP, group advantages A
             -> token advantages A_t (eq. 6-7 for RLRT)                       loss.loss_inputs
             -> PPO/GRPO update per mini-batch (pipeline schedule, DDP, Adam) loss.rl_loss, model_step.train_minibatch
             -> weights -> rollout engine (same HF-name mapping as tools/)    rollout.weight_sync

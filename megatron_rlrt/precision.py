@@ -61,19 +61,23 @@ class Capability:
 
     @classmethod
     def detect(cls) -> "Capability":
+        """This rank's GPU and Transformer Engine as ``platform.detect`` sees them (the probe the
+        model build uses), plus the compute capability and TE version the FP8 rules need."""
         import torch
 
-        from megatron_rlrt.platform import has_transformer_engine
+        from megatron_rlrt.platform import detect
 
-        if not torch.cuda.is_available():
+        platform = detect()
+        if not platform.is_cuda:
             return cls()
         te = None
-        if has_transformer_engine():
+        if platform.has_transformer_engine:
             try:
                 te = importlib.metadata.version("transformer_engine")
             except importlib.metadata.PackageNotFoundError:
                 te = "unknown"
-        return cls(True, tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name(), te)
+        return cls(True, tuple(torch.cuda.get_device_capability(platform.device)),
+                   torch.cuda.get_device_name(platform.device), te)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from tools.plan_memory import PRESETS, Model, gpu_params, plan, recommend
+from tools.plan_memory import PRESETS, gpu_params, plan, recommend
 
 
 def test_static_terms_match_hand_computed_qwen3_8b():
-    m = Model(**PRESETS["qwen3-8b"])
+    m = PRESETS["qwen3-8b"]
     # Qwen3-8B: 8.19e9 parameters (36 layers, untied 151,936 x 4096 embedding and head)
     total = gpu_params(m, 1, 1)
     assert abs(total - 8.19e9) / 8.19e9 < 0.01
@@ -30,7 +30,7 @@ def test_static_terms_match_hand_computed_qwen3_8b():
 
 def test_recommendations_fit_the_gpu():
     for name in ("qwen3-4b", "qwen3-8b"):
-        fits = recommend(Model(**PRESETS[name]), 80.0, 8)
+        fits = recommend(PRESETS[name], 80.0, 8)
         assert fits and all(pl.total_gb <= 72.0 for _, pl in fits)
 
 # The measured-vs-predicted check (forward + backward at 8k/32k packed tokens, within 20 %) is a

@@ -46,61 +46,43 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_rlrt.models.qwen3 import Qwen3Spec  # noqa: E402  (the model: the trainer's own config.json reader)
+
 GB = 1e9
-# Qwen3 dense configs (config.json of Qwen/Qwen3-4B and Qwen/Qwen3-8B)
+# Qwen3 dense configs (config.json of Qwen/Qwen3-4B and Qwen/Qwen3-8B) as the trainer reads them
+_QWEN3 = dict(vocab_size=151936, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+              rope_theta=1000000.0, max_position_embeddings=40960)
 PRESETS = {
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "qwen3-4b": Qwen3Spec(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, tie_word_embeddings=True,
+                          **_QWEN3),
+    "qwen3-8b": Qwen3Spec(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, tie_word_embeddings=False,
+                          **_QWEN3),
 }
 GPUS = {"h100": 80.0, "b200": 180.0}  # usable HBM, GB
 FUSED_TILE_ELEMENTS = 1 << 24  # megatron_rlrt.trainer.logprobs.FUSED_TILE_ELEMENTS
 
 
-@dataclass
-class Model:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_hf_dir(cls, path: str) -> "Model":
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-        heads = cfg["num_attention_heads"]
-        return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                   cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   bool(cfg.get("tie_word_embeddings", False)))
-
-    @property
-    def q(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv(self) -> int:
-        return self.num_key_value_heads * self.head_dim
-
-    def layer_params(self) -> int:
-        h, f = self.hidden_size, self.intermediate_size
-        return h * (self.q + 2 * self.kv) + self.q * h + 3 * h * f + 2 * h + 2 * self.head_dim
+def attention_widths(m: Qwen3Spec) -> tuple[int, int]:
+    """(query width, key/value width) = heads x head_dim."""
+    return m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
 
 
-def gpu_params(m: Model, tp: int, pp: int, first: bool = True) -> float:
+def layer_params(m: Qwen3Spec) -> int:
+    """Parameters of one decoder layer: QKV and output projections, SwiGLU MLP, two RMSNorms, q/k norms."""
+    (h, f), (q, kv) = (m.hidden_size, m.intermediate_size), attention_widths(m)
+    return h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h + 2 * m.head_dim
+
+
+def gpu_params(m: Qwen3Spec, tp: int, pp: int, first: bool = True) -> float:
     """Parameters on the most loaded GPU (the first stage holds the embedding; with tied weights
     and PP > 1 the last stage holds a copy too)."""
-    layers = m.num_hidden_layers / pp * m.layer_params() / tp
+    layers = m.num_hidden_layers / pp * layer_params(m) / tp
     emb = m.vocab_size * m.hidden_size / tp
     head = 0 if (m.tie_word_embeddings and pp == 1) else emb
     return layers + (emb + head if pp == 1 else max(emb, head)) + m.hidden_size
 
 
-def layer_activation_elements(m: Model, tp: int, cp: int, sp: bool, kind: str) -> float:
+def layer_activation_elements(m: Qwen3Spec, tp: int, cp: int, sp: bool, kind: str) -> float:
     """Elements kept for backward per local token and layer (without recompute).
 
     local (CPU spec): RMSNorm x2 (input, rstd, normed, scaled: 3h + 1 each); q/k RMSNorm (input
@@ -111,7 +93,7 @@ def layer_activation_elements(m: Model, tp: int, cp: int, sp: bool, kind: str) -
     te (GPU spec): LayerNormLinear x2 (input and normed output: 2h each, rstd); q/k norm inputs
     (q + kv); fused attention's q, k, v, output (q + 2kv + q) and log-sum-exp (heads, fp32);
     fc1 output (2f) and SwiGLU output (f)."""
-    h, f, q, kv, d = m.hidden_size, m.intermediate_size, m.q, m.kv, m.head_dim
+    (h, f, d), (q, kv) = (m.hidden_size, m.intermediate_size, m.head_dim), attention_widths(m)
     heads, groups = m.num_attention_heads, m.num_key_value_heads
     hs = h / tp if sp else h  # hidden-sized tensors are split over TP only with sequence parallelism
     if kind == "local":
@@ -120,19 +102,20 @@ def layer_activation_elements(m: Model, tp: int, cp: int, sp: bool, kind: str) -
     return 2 * (2 * hs) + 2 + (q + kv) / tp + (q + 2 * kv + q + 2 * heads) / tp + 3 * f / tp
 
 
-def model_extra_elements(m: Model, tp: int, sp: bool) -> float:
+def model_extra_elements(m: Qwen3Spec, tp: int, sp: bool) -> float:
     """Per token, once per pass (not per layer): the final norm (input, rstd, output), the
     fused-linear op's saved hidden state and its fp32 gradient."""
     hs = m.hidden_size / tp if sp else m.hidden_size
     return 3 * hs + 1 + 2 * m.hidden_size
 
 
-def backward_working_elements(m: Model, tp: int, sp: bool) -> float:
+def backward_working_elements(m: Qwen3Spec, tp: int, sp: bool) -> float:
     """Per token: gradients alive at once inside one layer's backward (on top of everything kept):
     the MLP's (fc2 input, SwiGLU input 2f, hidden-sized input/output grads) or the attention's
     (q, the expanded K/V grads, the qkv grad), whichever is larger."""
     hs = m.hidden_size / tp if sp else m.hidden_size
-    return max(3 * m.intermediate_size / tp + 2 * hs, (3 * m.q + 2 * m.kv) / tp + hs)
+    q, kv = attention_widths(m)
+    return max(3 * m.intermediate_size / tp + 2 * hs, (3 * q + 2 * kv) / tp + hs)
 
 
 @dataclass
@@ -142,7 +125,7 @@ class Plan:
     notes: list
 
 
-def plan(m: Model, *, tp=1, pp=1, cp=1, num_gpus=8, max_tokens_per_gpu=16384, log_probs_max_tokens_per_gpu=None,
+def plan(m: Qwen3Spec, *, tp=1, pp=1, cp=1, num_gpus=8, max_tokens_per_gpu=16384, log_probs_max_tokens_per_gpu=None,
          response_len=20480, prompt_len=1024, teacher_extra_len=2048, recompute=None, recompute_num_layers=1,
          distributed_optimizer=True, sp=False, dtype_bytes=2, kind="te", fused=True) -> Plan:
     dp = num_gpus // (tp * pp * cp)
@@ -189,7 +172,7 @@ def plan(m: Model, *, tp=1, pp=1, cp=1, num_gpus=8, max_tokens_per_gpu=16384, lo
     return Plan({k: v / GB for k, v in terms.items()}, total / GB, notes)
 
 
-def recommend(m: Model, gpu_gb: float, num_gpus: int = 8, **kw) -> list[tuple[dict, Plan]]:
+def recommend(m: Qwen3Spec, gpu_gb: float, num_gpus: int = 8, **kw) -> list[tuple[dict, Plan]]:
     """Layouts that fit in 90 % of the GPU, most data-parallel first, then the least recompute."""
     fits = []
     for tp in (1, 2, 4, 8):
@@ -269,7 +252,9 @@ def validate_cpu(hidden=96, layers=2, counts=(8192, 32768), row=4096, tmp=None) 
             [hidden, layers, [row] * (n // row), out])], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(out) as f:
             measured.append(json.load(f))
-    m = Model(151936, hidden, 2 * hidden, layers, 4, 2, hidden // 4, True)
+    m = Qwen3Spec(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, max_position_embeddings=65536, tie_word_embeddings=True)
 
     def predicted(n):
         per_layer = layer_activation_elements(m, 1, 1, False, "local") * 4
@@ -332,7 +317,7 @@ def main(argv=None) -> int:
         ok = abs(res["ratio"] - 1) <= 0.2
         print(f"measured / predicted bytes per token: {res['ratio']:.3f} ({'within' if ok else 'OUTSIDE'} 20 %)")
         return 0 if ok else 1
-    m = Model.from_hf_dir(args.hf_dir) if args.hf_dir else Model(**PRESETS[args.model])
+    m = Qwen3Spec.from_hf_dir(args.hf_dir) if args.hf_dir else PRESETS[args.model]
     kw = dict(max_tokens_per_gpu=args.max_tokens_per_gpu, log_probs_max_tokens_per_gpu=args.log_probs_max_tokens_per_gpu,
               response_len=args.response_len, prompt_len=args.prompt_len, teacher_extra_len=args.teacher_extra_len,
               recompute_num_layers=args.recompute_num_layers, distributed_optimizer=not args.no_distributed_optimizer,

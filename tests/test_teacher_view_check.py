@@ -31,3 +31,19 @@ def test_d_statistics_by_hand():
 def test_quantile_interpolates():
     assert T.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert T.quantile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+
+
+def test_response_logprobs_equal_a_full_forward():
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = Qwen3ForCausalLM(cfg).eval()
+    prompt, response = [1, 2, 3, 4, 5], [6, 7, 8]
+    got = T.response_logprobs(model, prompt, response)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=torch.tensor([prompt + response])).logits[0].float(), -1)
+    want = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(response)]
+    assert got == pytest.approx(want, abs=1e-6)

@@ -80,12 +80,13 @@ def d_statistics(d: list[float], eps_values: list[float]) -> dict:
 
 
 def response_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-    """log P(y_t | prompt, y_<t) for every response token (one forward)."""
+    """log P(y_t | prompt, y_<t) for every response token (one forward; the LM head only at the
+    positions that predict response tokens)."""
     import torch
 
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        logits = model(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp.gather(1, torch.tensor(response_ids)[:, None])[:, 0].tolist()
 

@@ -118,7 +118,7 @@ class Config:
     context_parallel_size: int = _f(1, "context-parallel size: each packed row is cut into 2 x CP chunks and CP "
                                        "rank i keeps chunks i and 2*CP-1-i (long responses; TE attention with "
                                        "cp_comm_type p2p on GPUs, the mask-free packed attention on CPUs)")
-    sequence_parallel: bool = _f(False, "sequence parallelism for norms/dropout (GPU + TE only, needs TP>1)")
+    sequence_parallel: bool = _f(False, "sequence parallelism for norms/dropout (needs TP>1; TE norms on a GPU, LocalRMSNorm on CPU)")
     use_distributed_optimizer: bool = _f(False, "shard optimizer state across data-parallel ranks (ZeRO-1)")
     recompute_granularity: Optional[str] = _f(None, "activation recomputation (Megatron-LM): 'full' recomputes whole "
                                                     "transformer layers in backward (least memory), 'selective' only "

@@ -118,14 +118,6 @@ def config_problems(cfg, world_size: int | None = None, capability=None) -> list
                  "to expose a context to")
         except ValueError as exc:
             problems.append(str(exc))
-    try:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        on_gpu = False
-    if not on_gpu:
-        need(not cfg.sequence_parallel, "--sequence-parallel needs GPUs with Transformer Engine")
     need(not cfg.sequence_parallel or cfg.tensor_model_parallel_size > 1,
          "--sequence-parallel needs --tensor-model-parallel-size > 1")
     from megatron_rlrt import precision

@@ -320,6 +320,32 @@ def _patch_recompute_rng() -> None:
     rng._set_cuda_rng_state = set_state
 
 
+def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron's ``local_multi_tensor_l2_norm`` (its stand-in for amp_C/TE's
+    ``multi_tensor_l2norm``): the global 2-norm of the tensors with the squares summed in float64,
+    1M elements at a time (no float64 copy of a whole tensor)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for tensor in (t for tensors in tensor_lists for t in tensors):
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 20):
+            total += flat[start : start + (1 << 20)].double().square().sum().cpu()
+    return torch.tensor([float(total.sqrt())], dtype=torch.float), None
+
+
+def _patch_grad_norm() -> None:
+    """megatron's grad-norm fallback without Apex/TE (every CPU run) takes ``torch.norm`` of each
+    float32 gradient, a float32 sum that on CPU drifts by ~5e-4 relative at a 151,936 x 96
+    embedding -- and by a different amount for each TP split of it: why a TP=2 x CP=2 step
+    reported a grad_norm 4e-5 away from one rank's while every gradient agreed (issue 15; the
+    reduction groups were right: TP x PP, TP duplicates counted once). The GPU kernels reduce in
+    blocks; here the squares are summed in float64."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+    from megatron.core import utils
+
+    if getattr(clip_grads, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _l2_norm_fp64
+
+
 def apply_cpu_patches() -> None:
     """Adapt megatron-core to a CUDA-less process. Idempotent; a no-op when CUDA exists."""
     global _applied
@@ -348,6 +374,7 @@ def apply_cpu_patches() -> None:
     if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
         optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
     _patch_recompute_rng()
+    _patch_grad_norm()
     _applied = True
     logger.info("megatron-core %s adapted to CPU (gloo)", found)
 

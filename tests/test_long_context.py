@@ -78,7 +78,11 @@ def assert_same_step(a, b, grad_rtol=1e-5, grad_norms_only=False):
         worst = max(((a["grads"][n] - b["grads"][n]).norm() / b["grads"][n].norm().clamp_min(1e-30)).item()
                     for n in b["grads"])
     assert worst < grad_rtol, worst
-    for key in ("loss/pg", "loss/distill", "actor/grad_norm", "rlrt/weight_mean"):
+    for rec in (a, b):  # megatron's reported norm is the float64 norm of the gradients it stepped with
+        exact = sum(g.double().square().sum() for g in rec["grads"].values()).sqrt().item()
+        assert abs(rec["metrics"]["actor/grad_norm"] / exact - 1) < 1e-6, (rec["metrics"]["actor/grad_norm"], exact)
+    assert abs(a["metrics"]["actor/grad_norm"] / b["metrics"]["actor/grad_norm"] - 1) < grad_rtol
+    for key in ("loss/pg", "loss/distill", "rlrt/weight_mean"):
         if key in b["metrics"]:
             assert abs(a["metrics"][key] - b["metrics"][key]) <= 1e-5 * max(1.0, abs(b["metrics"][key])), key
 
@@ -95,14 +99,20 @@ def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data,
     assert_same_step(two, one)
 
 
-def test_rlrt_step_at_tp2_cp2_equals_tp1_cp1(tiny_model, arithmetic_data, tmp_path):
-    """4 ranks, TP=2 x CP=2: the same step as one rank (log-probs 1e-5, per-parameter gradient norms
-    1e-5 relative, metrics)."""
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2cp2", "tp2sp_cp2"])
+def test_rlrt_step_at_tp2_cp2_equals_tp1_cp1(tiny_model, arithmetic_data, tmp_path, sequence_parallel):
+    """4 ranks, TP=2 x CP=2, with and without sequence parallelism (rows padded to 2 x CP x TP; norms
+    on sequence slices, their weight gradients all-reduced over TP): the same step as one rank
+    (log-probs 1e-5, per-parameter gradient norms 1e-5 relative, metrics)."""
     lengths = (13, 21, 301)
     one = run_long_step(tiny_model, arithmetic_data, tmp_path, [], 1, lengths)
+    layout = ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]
     four = run_long_step(tiny_model, arithmetic_data, tmp_path,
-                         ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"], 4, lengths)
+                         layout + (["--sequence-parallel"] if sequence_parallel else []), 4, lengths)
     assert {n: tuple(g.shape) for n, g in four["grads"].items()} == {n: tuple(g.shape) for n, g in one["grads"].items()}
+    assert four["sequence_parallel"] is sequence_parallel
+    norms = sorted(n for n in one["grads"] if "norm" in n)
+    assert len(norms) == 9 and four["sp_marked"] == (norms if sequence_parallel else [])
     assert_same_step(four, one, grad_norms_only=True)
 
 

@@ -79,6 +79,36 @@ def test_patched_torch_cuda_calls_target_the_cpu():
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
+def test_grad_norm_on_cpu_sums_squares_in_float64():
+    """megatron's own grad-norm function (get_grad_norm_fp32) with the CPU stand-in for amp_C/TE's
+    multi_tensor_l2norm: equal to a float64 norm of the same float32 gradients, here a 151,936 x 96
+    embedding-sized one (where megatron's float32 fallback drifts by ~1e-4)."""
+    _import_training_stack()
+    import megatron.core.optimizer.clip_grads as clip_grads
+
+    assert clip_grads.l2_norm_impl is platform._l2_norm_fp64
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(151_936 * 96, generator=g) * 1e-9, torch.randn(64, 3, generator=g)]
+    exact = sum(t.double().square().sum() for t in grads).sqrt().item()
+    norm, _ = platform._l2_norm_fp64(0, None, [grads], False)
+    assert abs(norm.item() / exact - 1) < 1e-6
+    grads = [torch.randn(151_936 * 96, generator=g) * 1e-9]
+    exact = grads[0].double().norm().item()
+    import torch.distributed as dist
+
+    from megatron_rlrt.parallel import free_port
+
+    own = not dist.is_initialized()
+    if own:  # a one-rank gloo group: get_grad_norm_fp32 all-reduces over its group
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        reported = clip_grads.get_grad_norm_fp32(grads, grad_stats_parallel_group=dist.new_group([0]))
+    finally:
+        if own:
+            dist.destroy_process_group()
+    assert abs(reported / exact - 1) < 1e-6
+
+
 _NOISE_SCRIPT = r"""
 import warnings
 from megatron_rlrt.platform import setup_megatron

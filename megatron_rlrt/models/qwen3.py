@@ -248,9 +248,6 @@ def transformer_config(
         raise ValueError(f"--recompute-granularity {recompute_granularity!r}; valid: full, selective")
     if recompute_granularity != "full" and (recompute_method or recompute_num_layers):
         raise ValueError("--recompute-method / --recompute-num-layers need --recompute-granularity full")
-    if not on_gpu and kwargs["sequence_parallel"]:
-        raise ValueError("--sequence-parallel needs Transformer Engine norms on a GPU; megatron refuses it "
-                         "with the local (CPU) layer spec")
     if fp8 is not None:
         check_layers(fp8, spec.num_hidden_layers, pipeline_model_parallel_size)
         kwargs.update(fp8.transformer_config_kwargs())
@@ -278,7 +275,27 @@ def layer_spec(config, use_te: bool | None = None):
     from megatron_rlrt.models.packed_attention import PackedCoreAttention
 
     spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    # megatron's WrappedTorchNorm refuses sequence parallelism; LocalRMSNorm is the same RMSNorm
+    # with the weight mark that makes finalize_model_grads all-reduce its gradient over TP
+    from megatron_rlrt.models.local_norm import LocalRMSNorm
+
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
+    layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = LocalRMSNorm
     return spec
+
+
+def block_spec(config, layer, vp_stage: int | None):
+    """The decoder block of ``layer`` specs; on the local spec with its final norm a LocalRMSNorm
+    (megatron's default for the local spec, WrappedTorchNorm, refuses sequence parallelism)."""
+    from megatron_rlrt.models.local_norm import LocalRMSNorm
+
+    if layer.submodules.input_layernorm is not LocalRMSNorm:
+        return layer  # TE spec: TransformerBlock picks TENorm for the final norm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=LocalRMSNorm)
 
 
 def model_provider(spec: Qwen3Spec, config, use_te: bool | None = None, parallel_output: bool = True
@@ -290,7 +307,7 @@ def model_provider(spec: Qwen3Spec, config, use_te: bool | None = None, parallel
 
         return GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, use_te),
+            transformer_layer_spec=block_spec(config, layer_spec(config, use_te), vp_stage),
             vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=pre_process,

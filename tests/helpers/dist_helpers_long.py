@@ -298,5 +298,9 @@ def long_step_rank(argv, lengths, out_path, teacher_for_all=False):
     if dist.get_rank() == 0:
         record["metrics"] = metrics
         record["ranks"] = peaks
+        model = trainer.chunks[0].module
+        record["sequence_parallel"] = bool(model.config.sequence_parallel)
+        # norm weights whose TP-partial gradients megatron all-reduces under sequence parallelism
+        record["sp_marked"] = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False))
         torch.save(record, out_path)
     parallel.destroy()

@@ -82,35 +82,14 @@ def test_credit_metric_sums_agree_with_the_diagnostics():
 def test_rl_loss_of_a_packed_microbatch_equals_the_algorithm_functions(method):
     """rl_loss reads the packed columns through the layout and returns what policy_token_loss /
     distillation_token_loss / total_loss give on the same per-sample tensors (padded by hand)."""
-    from megatron_rlrt.algorithms import PolicyLossConfig, distillation_token_loss
-    from megatron_rlrt.platform import setup_megatron
+    from megatron_rlrt.algorithms import distillation_token_loss
+    from megatron_rlrt.trainer.loss import rl_loss
+    from tests.helpers.loss_case import packed_loss_case
 
-    setup_megatron()  # megatron-core imports (parallel_state) need the CPU adaptation first
-    from megatron_rlrt.trainer.loss import RLLossConfig, SampleInputs, rl_loss
-    from megatron_rlrt.trainer.model_step import StepOptions, build_microbatch, plan_microbatches
-
-    spec = get_method(method)
-    k = 3 if spec.uses_distillation else 0
-    g = torch.Generator().manual_seed(1)
-    samples = [Sample(0, 0, [1, 2], [3, 4, 5], [-1.0] * 3, 1.0, True, 0.5),
-               Sample(1, 0, [1, 2, 6], [7, 8], [-1.0] * 2, 0.0, False, -0.5)]
-    opts = StepOptions(with_entropy=True, topk=k)
-    topk_ids = {s.index: torch.randint(0, 50, (len(s.response_ids), k), generator=g) for s in samples} if k else None
-    (rows,) = plan_microbatches(samples, False, 2, None)
-    mb = build_microbatch(rows, opts, topk_ids)
-    layout = ColumnLayout.of(mb.request)
-    n = len(mb.request.positions)
-    cols = torch.cat([-torch.rand(n, 1, generator=g), torch.rand(n, 1, generator=g),
-                      torch.log_softmax(torch.randn(n, k, generator=g), -1) - 0.1], 1).requires_grad_()
-    assert cols.shape[1] == layout.width
-    inputs = {s.index: SampleInputs(torch.full((len(s.response_ids),), s.advantage), torch.tensor(s.rollout_logprobs),
-                                    torch.tensor(float(s.correct)), True,
-                                    old_logprobs=-torch.rand(len(s.response_ids), generator=g),
-                                    topk_ids=topk_ids[s.index] if k else None,
-                                    teacher_topk_logprobs=torch.log_softmax(torch.randn(len(s.response_ids), k,
-                                                                                        generator=g), -1) if k else None)
-              for s in samples}
-    config = RLLossConfig(PolicyLossConfig(), distill_coef=0.7)
+    case = packed_loss_case(method)
+    samples, mb, cols, inputs, spec, config, k = (case.samples, case.mb, case.cols, case.inputs, case.spec,
+                                                  case.config, case.topk)
+    assert cols.shape[1] == ColumnLayout.of(mb.request).width
     loss, count, metrics = rl_loss(mb, cols, inputs, spec, config)
 
     # the same by hand: columns of each sample's response tokens, in row order

@@ -36,7 +36,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-CHILD = r"""
+UNPICKLER = r"""
 import base64, io, json, pickle, sys
 import torch
 from torch.multiprocessing import reductions
@@ -56,6 +56,9 @@ class ByUUID(pickle.Unpickler):
             return by_uuid
         return super().find_class(module, name)
 
+"""  # both child scripts start with it: SGLang's unpickler (CUDA devices travel as UUIDs)
+
+CHILD = UNPICKLER + r"""
 data = ByUUID(io.BytesIO(base64.b64decode(sys.stdin.read()))).load()
 flat = data["flattened_tensor"]
 out = {"device": str(flat.device), "is_cuda": flat.is_cuda, "tensors": {}}
@@ -68,26 +71,7 @@ print(json.dumps(out))
 """
 
 
-SERVER = r"""
-import base64, io, json, pickle, sys
-import torch
-from torch.multiprocessing import reductions
-
-real = reductions.rebuild_cuda_tensor
-
-def by_uuid(*args):
-    args = list(args)
-    if isinstance(args[6], str):
-        args[6] = next(i for i in range(torch.cuda.device_count())
-                       if str(torch.cuda.get_device_properties(i).uuid) == args[6])
-    return real(*args)
-
-class ByUUID(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module == "torch.multiprocessing.reductions" and name == "rebuild_cuda_tensor":
-            return by_uuid
-        return super().find_class(module, name)
-
+SERVER = UNPICKLER + r"""
 out = []
 for entry in json.loads(sys.stdin.read()):  # entry i: what TP rank i deserializes
     data = ByUUID(io.BytesIO(base64.b64decode(entry))).load()

@@ -241,6 +241,14 @@ class Config:
                                        "starting weights: a megatron-rlrt checkpoint (tools/convert_hf_to_megatron.py "
                                        "output or a training iter_N/, any TP/PP) or a Hugging Face Qwen3 directory "
                                        "of the same architecture")
+    ref_update_interval: Optional[int] = _f(None, "every N RL steps, move the KL term's reference policy to the "
+                                                  "current weights: ref <- (1 - m) ref + m policy with m = "
+                                                  "--ref-update-mix (TRL's sync_ref_model / ref_model_sync_steps; "
+                                                  "0: never; default per method: 32 for rlt, as the RLT authors' "
+                                                  "run, 0 otherwise); saved in checkpoints, needs --kl-coef > 0")
+    ref_update_mix: Optional[float] = _f(None, "weight m of the current policy in a --ref-update-interval update "
+                                               "(TRL's ref_model_mixup_alpha; 1: copy; default per method: 0.9 "
+                                               "for rlt, as the RLT authors' run, 1 otherwise)")
     distill_topk: int = _f(100, "top-K of the distillation loss (sdpo/srpo/opsd)")
     distill_alpha: float = _f(0.5, "generalized JSD alpha (0: forward KL, 1: reverse KL)")
     distill_coef: float = _f(1.0, "weight of the distillation loss")
@@ -306,6 +314,15 @@ class Config:
         from megatron_rlrt.algorithms import get_method
 
         return get_method(self.advantage_estimator).std_normalize if self.std_normalize is None else self.std_normalize
+
+    def resolved_ref_update(self) -> tuple[int, float]:
+        """(interval, mix) of the reference-policy updates; interval 0 (or no KL term): never."""
+        from megatron_rlrt.algorithms import get_method
+
+        method = get_method(self.advantage_estimator)
+        interval = method.ref_update_interval if self.ref_update_interval is None else self.ref_update_interval
+        mix = method.ref_update_mix if self.ref_update_mix is None else self.ref_update_mix
+        return (interval if self.kl_coef > 0 else 0), mix
 
     def resolved_teacher_context(self) -> str:
         if self.teacher_context:

@@ -107,6 +107,13 @@ def config_problems(cfg, world_size: int | None = None, capability=None) -> list
     need(cfg.ref_load is None or cfg.kl_coef > 0,
          f"--ref-load {cfg.ref_load}: the reference policy is used only by the KL term; set --kl-coef > 0")
     need(cfg.ref_load is None or os.path.isdir(cfg.ref_load), f"--ref-load {cfg.ref_load}: no such directory")
+    need(cfg.ref_update_interval is None or cfg.ref_update_interval >= 0,
+         f"--ref-update-interval {cfg.ref_update_interval} must be >= 0 (0: never)")
+    need(cfg.ref_update_mix is None or 0 < cfg.ref_update_mix <= 1,
+         f"--ref-update-mix {cfg.ref_update_mix} must be in (0, 1]")
+    need(not cfg.ref_update_interval or cfg.kl_coef > 0,
+         f"--ref-update-interval {cfg.ref_update_interval}: the reference policy is used only by the KL term; "
+         "set --kl-coef > 0")
     need(0 <= cfg.distill_alpha <= 1, "--distill-alpha must be in [0, 1]")
     if method is not None:
         from megatron_rlrt.algorithms.atesd import parse_teacher_exposure

@@ -7,25 +7,7 @@ import pytest
 
 from megatron_rlrt import parallel
 from tests.test_trainer_e2e import _base
-from tests.helpers.trainer_helpers import methods_rank, train_rank
-
-
-def interrupted_rank(argv: list[str], steps: int) -> None:
-    """The training loop of ``Trainer.train`` for the first ``steps`` steps, a checkpoint, and
-    an exit: a run killed after that checkpoint."""
-    from megatron_rlrt.config import parse_config
-    from megatron_rlrt.trainer.trainer import Trainer
-    from tests.helpers.trainer_helpers import register_test_rewards
-
-    register_test_rewards()
-    trainer = Trainer(parse_config(argv))
-    try:
-        for step in range(steps):
-            trainer.metrics_writer.write(step + 1, trainer.step(step))
-        trainer.save(steps)
-    finally:
-        trainer.close()
-    parallel.destroy()
+from tests.helpers.trainer_helpers import interrupted_rank, methods_rank, train_rank
 
 
 def _metrics(run):

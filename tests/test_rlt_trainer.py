@@ -137,3 +137,4 @@ def test_rlt_recipe_is_the_authors_run():
     assert (cfg.rlt_alpha, cfg.rlt_lambda, cfg.rollout_temperature) == (RLT_ALPHA, RLT_LAMBDA, RLT_LOGPROB_TEMPERATURE)
     assert cfg.rollout_batch_size * cfg.n_samples_per_prompt == cfg.global_batch_size == 1024
     assert (cfg.lr, cfg.train_iters, cfg.rollout_max_response_len) == (1e-6, 125, 16384)
+    assert (cfg.kl_coef, cfg.resolved_ref_update()) == (0.04, (32, 0.9))  # beta; sync_ref_model every 32, mix 0.9

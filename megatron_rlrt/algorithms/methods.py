@@ -85,6 +85,9 @@ class MethodSpec:
         (RLT: question + reference solution in the teacher template); None = the row's prompt.
     model_reward: rewards come from a frozen scorer model after generation (``ModelReward``;
         the starting weights or --rlt-student-load) instead of the verifier; None = verifier.
+    ref_update_interval, ref_update_mix: default --ref-update-interval / --ref-update-mix: with
+        --kl-coef > 0, every ``ref_update_interval`` RL steps the reference policy becomes
+        (1 - mix) ref + mix policy (TRL's sync_ref_model); 0 = the reference never moves.
     """
 
     name: str
@@ -100,6 +103,8 @@ class MethodSpec:
     exposure: str = "fixed:1"
     rollout_prompt: Optional[RolloutPromptFn] = None
     model_reward: Optional[ModelReward] = None
+    ref_update_interval: int = 0
+    ref_update_mix: float = 1.0
 
     @property
     def needs_teacher(self) -> bool:

@@ -279,5 +279,11 @@ class RltModelReward:
         return out.reward.float(), stats
 
 
+# The authors' run re-syncs the KL reference (beta 0.04) every 32 steps with mix 0.9
+# (teacher_rlt.yaml: sync_ref_model, ref_model_sync_steps: 32, ref_model_mixup_alpha: 0.9).
+RLT_REF_UPDATE_INTERVAL = 32
+RLT_REF_UPDATE_MIX = 0.9
+
 register_method(MethodSpec("rlt", std_normalize=True, rollout_prompt=rlt_rollout_prompt,
-                           model_reward=RltModelReward()))
+                           model_reward=RltModelReward(), ref_update_interval=RLT_REF_UPDATE_INTERVAL,
+                           ref_update_mix=RLT_REF_UPDATE_MIX))

@@ -55,6 +55,7 @@ METADATA_FILE = "metadata.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 STATE_FILE = "trainer_state.json"
 TEACHER_EMA_DIR = "teacher_ema"
+REFERENCE_DIR = "reference"  # the KL reference when --ref-update-interval moves it
 LATEST = "latest"
 
 

@@ -123,15 +123,22 @@ def _plain(v):
     return v
 
 
+# (label, metric, format) of the console line; a column shows only when the step logged its
+# metric, so each method's line has the columns it produces (no lambda or w without a token weight)
+CONSOLE_COLUMNS = (("reward", "reward/mean", "{:.3f}"), ("pass-groups", "reward/pass_rate_groups", "{:.2f}"),
+                   ("len", "response/length_mean", "{:.1f}"), ("lambda", "rlrt/lambda", "{:.2f}"),
+                   ("w", "rlrt/weight_mean", "{:.3f}"), ("pg", "loss/pg", "{:.4f}"), ("ent", "actor/entropy", "{:.3f}"),
+                   ("gnorm", "actor/grad_norm", "{:.3f}"))
+
+
 def console_line(step: int, total: int, m: dict) -> str:
-    def g(k, fmt="{:.3f}"):
-        v = m.get(k)
+    def g(k, fmt):
+        v = m[k]
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
-    return (f"step {step}/{total} | reward {g('reward/mean')} | pass-groups {g('reward/pass_rate_groups', '{:.2f}')}"
-            f" | len {g('response/length_mean', '{:.1f}')} | lambda {g('rlrt/lambda', '{:.2f}')}"
-            f" | w {g('rlrt/weight_mean')} | pg {g('loss/pg', '{:.4f}')} | ent {g('actor/entropy')}"
-            f" | gnorm {g('actor/grad_norm')} | {g('perf/step_time_s', '{:.1f}')}s")
+    cols = [f"{label} {g(key, fmt)}" for label, key, fmt in CONSOLE_COLUMNS if key in m]
+    time_s = g("perf/step_time_s", "{:.1f}") if "perf/step_time_s" in m else "-"
+    return " | ".join([f"step {step}/{total}", *cols, f"{time_s}s"])
 
 
 @contextmanager

@@ -110,11 +110,25 @@ def reference_weights(cfg: Config, chunks, arch: Qwen3Spec, initial: WeightSnaps
     checkpoint or a HF directory of the same architecture) read into this rank's shards."""
     if cfg.kl_coef <= 0:
         return None
-    if not cfg.ref_load:
-        return initial
+    if not cfg.ref_load:  # shared with the initial teacher / scorer unless it will move
+        return initial.copy() if cfg.resolved_ref_update()[0] else initial
     snapshot = load_snapshot(cfg.ref_load, "--ref-load", chunks, arch)
     log(f"reference policy of the KL term: {cfg.ref_load}")
     return snapshot
+
+
+def resumed_reference(cfg: Config, chunks, reference: WeightSnapshot | None,
+                      resumed_from: str | None) -> WeightSnapshot | None:
+    """A reference that --ref-update-interval moves is the checkpoint's (a resumed run continues
+    from where it was); a fixed one is the starting weights or --ref-load, as in a fresh run."""
+    if reference is None or resumed_from is None or not cfg.resolved_ref_update()[0]:
+        return reference
+    ref_dir = os.path.join(resumed_from, ckpt.REFERENCE_DIR)
+    if not os.path.isdir(ref_dir):
+        raise CheckpointError(f"--ref-update-interval {cfg.resolved_ref_update()[0]}: the checkpoint {resumed_from} "
+                              f"has no {ckpt.REFERENCE_DIR}/ (it was saved by a run whose reference did not move); "
+                              "resume with --ref-update-interval 0, or start a new run")
+    return WeightSnapshot.load(chunks, ref_dir)
 
 
 def scorer_weights(cfg: Config, method: MethodSpec, chunks, arch: Qwen3Spec, initial: WeightSnapshot | None,

@@ -87,6 +87,8 @@ class Trainer:
             self._log(f"resumed from {resume.path} (step {resume.step})")
         self.start_step = resume.step
         self.teacher = setup.teacher_weights(cfg, self.method, self.chunks, initial, resume.path)
+        self.reference = setup.resumed_reference(cfg, self.chunks, self.reference, resume.path)
+        self.ref_update_interval, self.ref_update_mix = cfg.resolved_ref_update()
         self.services: Rank0Services | None = None  # rank 0 only
 
         def build_services():
@@ -149,7 +151,8 @@ class Trainer:
         if any(len(mb) == 0 for mb in minibatches) or not batch.samples:
             self._log(f"step {step}: no trainable samples on some rank (dynamic sampling or empty responses); "
                       "skipping the update")
-            return {**batch.metrics, "perf/step_time_s": time.perf_counter() - t0, "train/skipped": 1.0}
+            return {**batch.metrics, "perf/step_time_s": time.perf_counter() - t0, "train/skipped": 1.0,
+                    **self._update_reference(step)}
         local = [s for mb in minibatches for s in mb]
         t_train = time.perf_counter()
         # on-policy single mini-batch GRPO needs no separate pass: old log-probs = the current ones
@@ -180,16 +183,29 @@ class Trainer:
         sync_s = self._sync_engine(version=step + 1)
         if self.teacher is not None and cfg.teacher_weights == "ema":
             self.teacher.ema_update(self.chunks, cfg.teacher_ema_rate)
+        ref_update = self._update_reference(step)
         metrics = reduce_to_rank0(sums)
         if self.rank0:
             step_time = time.perf_counter() - t0
             metrics.update(batch.metrics)
-            metrics.update({"rlrt/lambda": lam, "actor/grad_norm": sum(grad_norms) / len(grad_norms),
+            metrics.update(ref_update)
+            if self.method.token_weight is not None:  # lambda scales the token weight (eq. 7)
+                metrics["rlrt/lambda"] = lam
+            metrics.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms),
                             "actor/lr": self.optimizer.param_groups[0]["lr"], "perf/step_time_s": step_time,
                             "perf/train_time_s": t_sync - t_train, "perf/weight_sync_s": sync_s,
                             "perf/tokens_per_s": metrics["perf/batch_tokens"] / max(step_time, 1e-9)})
             self.services.observe_step(metrics)
         return metrics
+
+    def _update_reference(self, step: int) -> dict:
+        """After step ``step`` (0-based): every --ref-update-interval steps the KL reference moves
+        to the policy, ref <- (1 - mix) ref + mix policy (TRL's SyncRefModelCallback at the end of
+        global step step + 1). Returns the step's metric."""
+        if not self.ref_update_interval or self.reference is None or (step + 1) % self.ref_update_interval:
+            return {}
+        self.reference.ema_update(self.chunks, self.ref_update_mix)
+        return {"ref/updated": 1.0}
 
     def _update(self, samples: Sequence[Sample], inputs: dict[int, SampleInputs], sums: MetricSums) -> float:
         """One optimizer step on this rank's share of a mini-batch."""
@@ -227,6 +243,8 @@ class Trainer:
         dist.broadcast_object_list(holder, src=0)
         rng = self.services.rng_state() if self.rank0 else None
         snapshots = {ckpt.TEACHER_EMA_DIR: self.teacher} if self.cfg.teacher_weights == "ema" and self.teacher else {}
+        if self.ref_update_interval and self.reference is not None:  # it moved: a resumed run needs it
+            snapshots[ckpt.REFERENCE_DIR] = self.reference
         path = ckpt.save_checkpoint(self.cfg.save, step, self.chunks, self.optimizer, self.scheduler, self.arch,
                                     self.hf_dir, holder[0], rng, self.cfg.keep_last_n_checkpoints, snapshots)
         self._log(f"saved checkpoint {path}")

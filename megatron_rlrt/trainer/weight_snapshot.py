@@ -50,8 +50,13 @@ class WeightSnapshot:
         finally:
             _copy_into(params, own.tensors)
 
+    def copy(self) -> "WeightSnapshot":
+        """An independent snapshot of the same weights (one that will move must not be shared)."""
+        return WeightSnapshot([t.clone() for t in self.tensors])
+
     def ema_update(self, chunks, rate: float) -> None:
-        """theta_T <- (1 - rate) * theta_T + rate * theta (the --teacher-weights ema teacher)."""
+        """theta_T <- (1 - rate) * theta_T + rate * theta (the --teacher-weights ema teacher, the
+        --ref-update-interval reference; rate 1 copies theta)."""
         with torch.no_grad():
             for t, p in zip(self.tensors, _params(chunks)):
                 t.mul_(1 - rate).add_(p.detach().to("cpu", dtype=t.dtype), alpha=rate)

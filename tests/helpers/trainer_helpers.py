@@ -35,6 +35,24 @@ def train_rank(argv: list[str], out_path: str | None = None) -> None:
     parallel.destroy()
 
 
+def interrupted_rank(argv: list[str], steps: int) -> None:
+    """The training loop of ``Trainer.train`` for the first ``steps`` steps, a checkpoint, and
+    an exit: a run killed after that checkpoint."""
+    from megatron_rlrt import parallel
+    from megatron_rlrt.config import parse_config
+    from megatron_rlrt.trainer.trainer import Trainer
+
+    register_test_rewards()
+    trainer = Trainer(parse_config(argv))
+    try:
+        for step in range(steps):
+            trainer.metrics_writer.write(step + 1, trainer.step(step))
+        trainer.save(steps)
+    finally:
+        trainer.close()
+    parallel.destroy()
+
+
 def methods_rank(base_argv: list[str], methods: list[str], out_path: str) -> None:
     """Two RL steps of every method in one process group; rank 0 records the last metrics."""
     from megatron_rlrt import parallel

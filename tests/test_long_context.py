@@ -65,6 +65,15 @@ def run_long_step(model, data, tmp_path, layout, world, lengths, teacher_for_all
     return torch.load(out, weights_only=False)
 
 
+LONG_STEP = (13, 21, 301)  # prompt, peer solution, response tokens of the RLRT step tests
+
+
+@pytest.fixture(scope="module")
+def cp1_step(tiny_model, arithmetic_data, tmp_path_factory):
+    """The one-rank reference step, run once for every layout compared with it (read-only)."""
+    return run_long_step(tiny_model, arithmetic_data, tmp_path_factory.mktemp("cp1"), [], 1, LONG_STEP)
+
+
 def assert_same_step(a, b, grad_rtol=1e-5, grad_norms_only=False):
     for role in ("student", "teacher"):
         assert sorted(a[role]) == sorted(b[role])
@@ -87,28 +96,26 @@ def assert_same_step(a, b, grad_rtol=1e-5, grad_norms_only=False):
             assert abs(a["metrics"][key] - b["metrics"][key]) <= 1e-5 * max(1.0, abs(b["metrics"][key])), key
 
 
-def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
+def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data, tmp_path, cp1_step):
     """The trainer's whole RLRT step on fixed ids (rows of prompt 13 + peer 21 + response 301 tokens,
     longer than one budget of 512 tokens per GPU at CP=1 so samples split over micro-batches):
     CP=2 log-probs equal CP=1's within 1e-5, gradients within 1e-5 relative, same metrics."""
-    lengths = (13, 21, 301)
-    one = run_long_step(tiny_model, arithmetic_data, tmp_path, [], 1, lengths)
-    two = run_long_step(tiny_model, arithmetic_data, tmp_path, ["--context-parallel-size", "2"], 2, lengths)
+    one = cp1_step
+    two = run_long_step(tiny_model, arithmetic_data, tmp_path, ["--context-parallel-size", "2"], 2, LONG_STEP)
     assert one["metrics"]["actor/grad_norm"] > 0 and "rlrt/weight_mean" in one["metrics"]
     assert sorted(one["teacher"]) == [0] and len(one["teacher"][0]) == 301 and len(one["student"][1]) == 301
     assert_same_step(two, one)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2cp2", "tp2sp_cp2"])
-def test_rlrt_step_at_tp2_cp2_equals_tp1_cp1(tiny_model, arithmetic_data, tmp_path, sequence_parallel):
+def test_rlrt_step_at_tp2_cp2_equals_tp1_cp1(tiny_model, arithmetic_data, tmp_path, cp1_step, sequence_parallel):
     """4 ranks, TP=2 x CP=2, with and without sequence parallelism (rows padded to 2 x CP x TP; norms
     on sequence slices, their weight gradients all-reduced over TP): the same step as one rank
     (log-probs 1e-5, per-parameter gradient norms 1e-5 relative, metrics)."""
-    lengths = (13, 21, 301)
-    one = run_long_step(tiny_model, arithmetic_data, tmp_path, [], 1, lengths)
+    one = cp1_step
     layout = ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]
     four = run_long_step(tiny_model, arithmetic_data, tmp_path,
-                         layout + (["--sequence-parallel"] if sequence_parallel else []), 4, lengths)
+                         layout + (["--sequence-parallel"] if sequence_parallel else []), 4, LONG_STEP)
     assert {n: tuple(g.shape) for n, g in four["grads"].items()} == {n: tuple(g.shape) for n, g in one["grads"].items()}
     assert four["sequence_parallel"] is sequence_parallel
     norms = sorted(n for n in one["grads"] if "norm" in n)

@@ -10,7 +10,7 @@ import torch
 
 from megatron_rlrt import parallel
 from megatron_rlrt.packing import PackRow, pack_rows, zigzag_chunks, zigzag_index
-from tests.helpers.dist_helpers_long import attention_inputs, cp_attention_rank, cp_model_rank, dense_reference_attention
+from tests.helpers.dist_helpers_long import attention_inputs, dense_reference_attention
 
 
 @pytest.mark.parametrize("block", [4, 512])
@@ -43,28 +43,34 @@ def test_zigzag_split_and_row_padding():
     assert zigzag_index(p.cu_seqlens, 2, 0).tolist() == [0, 1, 6, 7, 8, 11] and both == list(range(12))
 
 
-def test_context_parallel_attention_equals_reference_on_two_ranks(tmp_path):
-    out = tmp_path / "cp.json"
-    parallel.spawn(cp_attention_rank, 2, [8, 4, 20, 12], 3, str(out))
-    for rank in json.loads(out.read_text()):
-        assert rank["out"] < 1e-12, rank
-        assert max(rank["grads"]) < 1e-12, rank
+@pytest.fixture(scope="module")
+def cp2_checks(tiny_models, tmp_path_factory):
+    """One start of two ranks for both CP=2 checks below: (attention results per rank, model results)."""
+    from tests.helpers.dist_helpers_long import cp2_checks_rank
 
-
-@pytest.mark.parametrize("tp,cp", [(1, 2)])
-def test_megatron_packed_forward_at_context_parallel_equals_cp1_and_hf(tiny_models, tmp_path, tp, cp):
-    """GQA tiny Qwen3 through GPTModel with the packed THD input, zigzag over CP ranks: per-token
-    log-probs equal the CP=1 run (1e-5) and Hugging Face's per-row forward; parameter gradients
-    summed over CP equal CP=1's (1e-5 relative)."""
     g = torch.Generator().manual_seed(3)
 
     def ids(n):
         return torch.randint(0, 151_000, (n,), generator=g).tolist()
 
     rows = [(ids(6), ids(23)), (ids(3), ids(2)), (ids(9), ids(40))]
-    out = tmp_path / "model.json"
-    parallel.spawn(cp_model_rank, tp * cp, tiny_models["gqa"], tp, cp, rows, str(out))
-    res = json.loads(out.read_text())
+    tmp = tmp_path_factory.mktemp("cp2")
+    parallel.spawn(cp2_checks_rank, 2, ([8, 4, 20, 12], 3, str(tmp / "cp.json")),
+                   (tiny_models["gqa"], 1, 2, rows, str(tmp / "model.json")))
+    return json.loads((tmp / "cp.json").read_text()), json.loads((tmp / "model.json").read_text())
+
+
+def test_context_parallel_attention_equals_reference_on_two_ranks(cp2_checks):
+    for rank in cp2_checks[0]:
+        assert rank["out"] < 1e-12, rank
+        assert max(rank["grads"]) < 1e-12, rank
+
+
+def test_megatron_packed_forward_at_context_parallel_equals_cp1_and_hf(cp2_checks):
+    """GQA tiny Qwen3 through GPTModel with the packed THD input, zigzag over CP=2 ranks (TP=1):
+    per-token log-probs equal the CP=1 run (1e-5) and Hugging Face's per-row forward; parameter
+    gradients summed over CP equal CP=1's (1e-5 relative)."""
+    res = cp2_checks[1]
     assert res["logprob_max_abs_diff"] < 1e-5, res
     assert res["grad_max_rel_diff"] < 1e-5 and res["grad_norm"] > 0, res
     assert res["hf_max_abs_diff"] < 1e-4, res

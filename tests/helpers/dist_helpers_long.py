@@ -34,12 +34,14 @@ def attention_inputs(lengths, hq=4, hk=2, d=8, seed=0):
         [torch.randn(t, hq, d, generator=g, dtype=torch.float64)]
 
 
-def cp_attention_rank(lengths, block, out_path):
-    """Zigzag-split attention over the CP group (= the world) vs the dense reference on all tokens."""
+def cp_attention_rank(lengths, block, out_path, keep_group=False):
+    """Zigzag-split attention over the CP group (= the world) vs the dense reference on all tokens
+    (``keep_group``: leave the process group up for a next check in the same ranks)."""
     from megatron_rlrt.models.packed_attention import packed_causal_attention
     from megatron_rlrt.packing import zigzag_index
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     cp, rank = dist.get_world_size(), dist.get_rank()
     q, k, v, w = attention_inputs(lengths)
     scale = 0.3
@@ -61,7 +63,15 @@ def cp_attention_rank(lengths, block, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    if not keep_group:
+        dist.destroy_process_group()
+
+
+def cp2_checks_rank(attention_args, model_args):
+    """Both 2-rank context-parallel checks in one start of the ranks (each start costs a torch +
+    megatron import per rank): the bare attention, then the model (``cp_model_rank``)."""
+    cp_attention_rank(*attention_args, keep_group=True)
+    cp_model_rank(*model_args)
 
 
 def _thd(cu, max_seqlen):

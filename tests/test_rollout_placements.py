@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow  # spawns ranks or servers: `-m "not slow"` skips 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
+BUCKET = 64 * 1024  # bytes: the tiny model's weights in several buckets
 
 
 def _argv(model, data, *extra):
@@ -86,8 +87,11 @@ def test_colocated_one_node(tiny_model, arithmetic_data, tmp_path):
     LOCAL_WORLD_SIZE=2) with one TP=2 server; its TP rank i maps the shared CPU memory of the rank
     on 'GPU' i only; the server is released while training."""
     out = tmp_path / "out"
+    # small buckets: several per update, so every rank's per-bucket handle exchange interleaves
+    # with the point-to-point gather across the pipeline stages
     parallel.spawn(fleet_rank, 2, _argv(tiny_model, arithmetic_data, "--colocate", "--rollout-num-gpus-per-engine",
-                                         "2", "--pipeline-model-parallel-size", "2"), str(out))
+                                         "2", "--pipeline-model-parallel-size", "2", "--update-weight-buffer-size",
+                                         str(BUCKET)), str(out))
     r = _result(out)
     assert r["error"] is None and len(r["steps"]) == STEPS and r["version"] == STEPS
     assert all(m["actor/grad_norm"] > 0 for m in r["steps"])
@@ -96,7 +100,8 @@ def test_colocated_one_node(tiny_model, arithmetic_data, tmp_path):
     state = r["servers"][url]
     _check_updates(state, STEPS + 1)
     _colocated_cycle(state)
-    assert "update_weights_from_tensor" in state["calls"]
+    per_update = state["calls"].count("update_weights_from_tensor") / (STEPS + 1)
+    assert per_update > 2, per_update  # several buckets per update
     pids = [rank["pid"] for rank in r["ranks"]]
     # TP rank i read only the shared memory of the training rank on its GPU i (not copied)
     assert state["senders_by_tp_rank"] == {"0": [pids[0]], "1": [pids[1]]}, (state["senders_by_tp_rank"], pids)

@@ -49,11 +49,14 @@ def gather_hf_weights(chunks: Sequence[torch.nn.Module], spec: Qwen3Spec, receiv
         if stage == pp_rank:
             elsewhere = [r for r in mine if layout[r][1] != stage] if tp_rank == 0 else []
             for name, tensor in iter_hf_tensors(chunks, spec):  # collective over this stage's TP group
-                if is_receiver:
-                    yield name, tensor.detach().to(device)
+                # send before yielding: the consumer may block in a collective with the receivers
+                # (the tensor transport's per-bucket handle exchange) that they can only join once
+                # they hold this tensor
                 for dst in elsewhere:
                     dist.send_object_list([(name, tuple(tensor.shape), tensor.dtype)], dst=dst)
                     dist.send(tensor.detach().contiguous(), dst=dst)
+                if is_receiver:
+                    yield name, tensor.detach().to(device)
             for dst in elsewhere:
                 dist.send_object_list([None], dst=dst)
         elif is_receiver:

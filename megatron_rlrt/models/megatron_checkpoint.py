@@ -33,7 +33,7 @@ from megatron_rlrt.fsutil import atomic_output_dir
 from megatron_rlrt.models import mapping as mp
 from megatron_rlrt.models.hf_checkpoint import copy_aux_files
 from megatron_rlrt.models.manifest import verify_manifest, write_manifest
-from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec
+from megatron_rlrt.models.qwen3 import CheckpointError, Qwen3Spec, read_checkpoint_json
 
 FORMAT = "megatron-rlrt"
 FORMAT_VERSION = 1
@@ -185,11 +185,7 @@ def read_metadata(path: str) -> dict:
     meta_path = os.path.join(path, METADATA)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: missing; {path} is not a megatron-rlrt checkpoint")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from exc
+    meta = read_checkpoint_json(meta_path)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "

@@ -153,6 +153,15 @@ class Qwen3Spec:
         return asdict(self)
 
 
+def read_checkpoint_json(path: str):
+    """A checkpoint's JSON file; CheckpointError naming it when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
 def read_hf_config(path: str) -> dict:
     """config.json of a Hugging Face checkpoint directory, with errors that name the file."""
     cfg_path = os.path.join(path, "config.json")
@@ -160,11 +169,7 @@ def read_hf_config(path: str) -> dict:
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing (a Hugging Face checkpoint needs config.json)")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    cfg = read_checkpoint_json(cfg_path)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg

@@ -70,14 +70,20 @@ def iter_name(step: int) -> str:
 def latest_checkpoint(save: str | None) -> str | None:
     """Path of the checkpoint ``latest`` names under ``save`` (None: no pointer, or it names
     no directory). Use :func:`find_resume_checkpoint` to resume: it also verifies."""
+    found = _latest_pointer(save)
+    if found is None:
+        return None
+    path = os.path.join(found[0], _read_pointer(found[1]))
+    return path if os.path.isdir(path) else None
+
+
+def _latest_pointer(save: str | None) -> tuple[str, str] | None:
+    """(checkpoint root, path of its ``latest`` file), or None when there is no such file."""
     if not save:
         return None
     root = checkpoint_root(save)
     pointer = os.path.join(root, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    path = os.path.join(root, _read_pointer(pointer))
-    return path if os.path.isdir(path) else None
+    return (root, pointer) if os.path.isfile(pointer) else None
 
 
 def _read_pointer(pointer: str) -> str:
@@ -129,12 +135,10 @@ def find_resume_checkpoint(save: str | None, log=print) -> str | None:
     a loud message naming the damaged file) the newest intact older one. None when ``save``
     holds no ``latest``. Raises CheckpointError naming the damage when no checkpoint is intact:
     a run that should resume never silently starts from scratch. Collective."""
-    if not save:
+    found = _latest_pointer(save)
+    if found is None:
         return None
-    root = checkpoint_root(save)
-    pointer = os.path.join(root, LATEST)
-    if not os.path.isfile(pointer):
-        return None
+    root, pointer = found
     target = _read_pointer(pointer)
     dirs = checkpoint_dirs(save)
     damage = []

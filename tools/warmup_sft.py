@@ -15,6 +15,15 @@ rows (reasoning-gym tasks with integer answers). Plain transformers in one proce
 is a data-making tool, not part of the RL system.
 
     python tools/warmup_sft.py --hf-dir tiny --data train.jsonl --output-dir tiny-warm
+
+``--task rlt`` is the RLT paper's short SFT of the teacher on its prompt format before RL
+(SakanaAI/RLT cfgs/run_cfg/teacher_sft.yaml): the prompt is exactly the trainer's RLT rollout
+prompt (the authors' system prompt, the question, the assistant turn pre-filled with the
+solution and the opening explanation tag; algorithms/rlt.py) and the loss is on the
+explanation, its closing tag and the end of turn only (the authors mask the teacher's answer,
+``mask_teacher_answer``). --data is a jsonl of explanations with ``prompt`` (or ``question``),
+``solution`` and ``explanation`` per row -- the columns tools/rlt_distill_data.py writes. The
+result is the starting point (--hf-checkpoint) of an ``--advantage-estimator rlt`` run.
 """
 
 from __future__ import annotations
@@ -37,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action="append",
                    help="jsonl/parquet prompt file(s) with integer answers (repeatable)")
     p.add_argument("--output-dir", required=True, help="where to write the warmed-up checkpoint")
-    p.add_argument("--task", choices=("add", "strategies"), default="add",
+    p.add_argument("--task", choices=("add", "strategies", "rlt"), default="add",
                    help="add: the quickstart's 'Let me add.' / 'Let me guess.' responses (integer answers); "
                         "strategies: the fidelity study's three-term additions written out by named strategies "
-                        "(megatron_rlrt/data/strategy_task.py), with teacher-view rows (--teacher-fraction)")
+                        "(megatron_rlrt/data/strategy_task.py), with teacher-view rows (--teacher-fraction); "
+                        "rlt: the RLT teacher format, question + solution -> explanation, from a jsonl of "
+                        "explanations (prompt/question, solution, explanation per row)")
     p.add_argument("--wrong-fraction", type=float, default=0.5, help="fraction of rows with a wrong answer (--task add)")
     p.add_argument("--teacher-fraction", type=float, default=0.5,
                    help="--task strategies: fraction of rows that are teacher views (the trainer's teacher prompt "
@@ -103,9 +114,15 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = load_tokenizer(args.hf_dir)
-    ds = PromptDataset.from_config(DataConfig(path=args.data, template=TemplateConfig(enable_thinking=args.enable_thinking)), tok)
+    if args.task == "rlt":  # rows of explanations, not prompts: read here (clear errors per row)
+        ds = None
+    else:
+        ds = PromptDataset.from_config(DataConfig(path=args.data, template=TemplateConfig(
+            enable_thinking=args.enable_thinking)), tok)
     try:
-        if args.task == "strategies":
+        if args.task == "rlt":
+            responses = RltTeacherResponses(read_explanations(args.data), tok)
+        elif args.task == "strategies":
             responses = StrategyResponses(list(ds), tok, args.teacher_fraction, args.enable_thinking)
         else:
             responses = Responses(list(ds), tok, args.wrong_fraction)
@@ -148,8 +165,60 @@ def train(args) -> dict:
         tok.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-    return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.perf_counter() - start,
+    return {"first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.perf_counter() - start,
             "rows": len(responses.prompts), "correct_fraction": responses.correct_fraction}
+
+
+def read_explanations(paths: list[str]) -> list[dict]:
+    """Rows of --task rlt: {"question", "solution", "explanation"} from jsonl files; a bad row
+    is an error naming its file and line."""
+    import json
+
+    rows = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --data {path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"error: {path}:{n}: not a JSON object ({exc.msg})") from None
+                question = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
+                if isinstance(question, list):  # chat messages: the last user turn, as the trainer reads it
+                    question = next((m.get("content") for m in reversed(question) if m.get("role") == "user"), None)
+                missing = [k for k, v in (("prompt/question", question), ("solution", row.get("solution")),
+                                          ("explanation", row.get("explanation"))) if not isinstance(v, str) or not v]
+                if missing:
+                    raise SystemExit(f"error: {path}:{n}: --task rlt needs a non-empty {', '.join(missing)} "
+                                     "(rows as tools/rlt_distill_data.py writes them)")
+                rows.append({"question": question, "solution": row["solution"], "explanation": row["explanation"]})
+    if not rows:
+        raise SystemExit(f"error: --data {', '.join(paths)}: no rows")
+    return rows
+
+
+class RltTeacherResponses:
+    """--task rlt: prompt = the trainer's RLT teacher prompt (question + solution, explanation tag
+    open), response = explanation + <|end_of_explanation|> + <|im_end|> (the only tokens with loss)."""
+
+    def __init__(self, rows: list[dict], tokenizer):
+        from megatron_rlrt.algorithms.rlt import RLT_EXPLANATION_END, render_rlt_teacher_prompt
+
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.prompts = [render_rlt_teacher_prompt(tokenizer, r["question"], r["solution"]) for r in rows]
+        self.responses = [tokenizer(r["explanation"] + RLT_EXPLANATION_END, add_special_tokens=False)["input_ids"]
+                          + [eos] for r in rows]
+        self.correct_fraction = 1.0
+
+    def draw(self, i: int, rng: random.Random) -> tuple[list[int], list[int], bool]:
+        return self.prompts[i], self.responses[i], True
+
+    def vocabulary(self) -> tuple[set[int], set[int]]:
+        response = {t for r in self.responses for t in r}
+        return {t for p in self.prompts for t in p} | response, response
 
 
 class StrategyResponses:
@@ -299,7 +368,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     stats = train(args)
     print(f"warm-up SFT: {stats['rows']} prompts ({stats['correct_fraction']:.0%} of drawn responses correct), "
-          f"final loss {stats['final_loss']:.3f}, {stats['seconds']:.0f}s -> {args.output_dir}")
+          f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, {stats['seconds']:.0f}s -> {args.output_dir}")
     return 0
 
 

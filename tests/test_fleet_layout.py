@@ -57,3 +57,11 @@ def test_colocated_vllm_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="vllm --colocate needs CUDA: vLLM's CPU build has no sleep mode"):
         VLLMEngine(model_path="/nonexistent", colocate=True)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
+def test_sglang_memory_fraction_must_be_a_fraction(fraction):
+    from megatron_rlrt.rollout.sglang_engine import SGLangEngine
+
+    with pytest.raises(ValueError, match=r"mem_fraction_static=.*expected a fraction in \(0, 1\).*trainer's"):
+        SGLangEngine(model_path="/nonexistent", colocate=True, mem_fraction_static=fraction)

@@ -122,6 +122,10 @@ class SGLangEngine(ServerEngineBase):
                  **kwargs):
         if logprobs not in ("processed", "raw"):
             raise ValueError("logprobs must be 'processed' or 'raw'")
+        if mem_fraction_static is not None and not 0.0 < float(mem_fraction_static) < 1.0:
+            raise ValueError(f"mem_fraction_static={mem_fraction_static}: expected a fraction in (0, 1) of each GPU's "
+                             f"memory for SGLang's weights + KV cache" + (
+                                 " (colocated, the rest must hold the trainer's)" if colocate else ""))
         self.weight_sync = resolve_weight_sync(weight_sync, colocate)
         self.mem_fraction_static, self.dtype, self.logprobs = mem_fraction_static, dtype, logprobs
         self.extra_server_args, self.server_env = list(extra_server_args), dict(server_env or {})

@@ -10,7 +10,9 @@ not installed there: carry its wheel (pure Python) and psutil, see tests/gpu/REA
    layer spec (and the TE spec if TE imports), float32, logits vs HF transformers on CUDA;
    max |diff| <= 1e-3 (TF32 off) and top-1 agreement 1.0;
 3. RL: 2 steps of RLRT with the embedded HF engine on the same GPU (world size 1), bf16;
-   finite loss and gradient norm, weights reach the engine (its version advances).
+   finite loss and gradient norm, weights reach the engine (its version advances);
+4. RNG: trainer/rng_state saved to a file and restored on CUDA (torch's CUDA generator and
+   megatron's tracker) gives the same numbers again.
 
 Writes check_megatron.json / .md to --out (default $OUT or tests/gpu/results/). Exit 1 if a
 check fails.
@@ -99,6 +101,34 @@ def check_rl_steps(tmp: str):
             for m in steps]
 
 
+def check_rng_round_trip(tmp: str):
+    """trainer/rng_state on CUDA (docs/gpu_audit.md item 9): save the RNG state (CUDA generator and
+    megatron's model-parallel tracker), draw, restore from the file, draw again: same numbers."""
+    from megatron.core import tensor_parallel
+
+    from megatron_rlrt import parallel
+    from megatron_rlrt.trainer import rng_state
+
+    single_rank_env()
+    parallel.initialize(parallel.ParallelLayout(1, 1))
+
+    def draw():
+        plain = torch.randn(1000, device="cuda")
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            tracked = torch.randn(1000, device="cuda")
+        return torch.cat([plain, tracked]).cpu()
+
+    path = os.path.join(tmp, "rng.safetensors")
+    rng_state.save(path)
+    first = draw()
+    draw()  # move every generator on
+    rng_state.load(path).apply()
+    again = draw()
+    parallel.destroy()
+    assert torch.equal(first, again), "CUDA RNG state did not round-trip"
+    return {"numbers": int(first.numel()), "equal": True}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "tests", "gpu", "results"),
@@ -117,6 +147,7 @@ def main(argv=None) -> int:
         else:
             CHECKS.not_run("parity_te_spec", "Transformer Engine not importable")
         CHECKS.record("rl_steps_bf16", lambda: check_rl_steps(tmp))
+        CHECKS.record("rng_round_trip", lambda: check_rng_round_trip(tmp))
     return CHECKS.write(args.out, "check_megatron")
 
 

@@ -63,6 +63,19 @@ def test_reference_update_defaults_and_checks(tiny_models):
     assert parse_config(base + ["--advantage-estimator", "rlt", "--kl-coef", "0.04", "--ref-update-interval", "0"]
                         ).resolved_ref_update()[0] == 0
 
+    # a reference that moves is its own copy: the initial teacher / RLT's student stay the start
+    import torch
+
+    from megatron_rlrt.trainer.setup import reference_weights
+    from megatron_rlrt.trainer.weight_snapshot import WeightSnapshot
+
+    initial = WeightSnapshot([torch.arange(3.0)])
+    moving = reference_weights(parse_config(base + ["--advantage-estimator", "rlt", "--kl-coef", "0.04"]),
+                               None, None, initial)
+    moving.tensors[0].add_(1)
+    assert moving is not initial and initial.tensors[0].tolist() == [0.0, 1.0, 2.0]
+    assert reference_weights(parse_config(base + ["--kl-coef", "0.04"]), None, None, initial) is initial
+
     def problems(*extra):
         with pytest.raises(ConfigError) as e:
             parse_config(base + list(extra)).validate(world_size=1)

@@ -1,16 +1,16 @@
 """tools/warmup_sft.py --task rlt: the RLT teacher's SFT on its prompt format (question +
 solution -> explanation) before RL. The loss on the explanation tokens falls (measured with
 full-vocabulary transformers forwards, not the tool's sampled softmax), bad rows are named,
-and the result starts an rlt run whose teacher now closes its explanations."""
+and the result starts an rlt run (torchrun, TP=2) whose teacher now closes its explanations."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-
-from megatron_rlrt import parallel
-from tests.helpers.trainer_helpers import methods_rank
-from tests.test_trainer_e2e import _base
 
 
 def _explanations(data, path):
@@ -45,8 +45,31 @@ def _explanation_nll(model_dir, rows):
     return total / n
 
 
-@pytest.mark.slow  # SFT + a 1-rank rlt step
-def test_rlt_teacher_warmup_lowers_the_loss_and_starts_an_rlt_run(tiny_model, arithmetic_data, tmp_path):
+def _torchrun_cli(*args):
+    """``torchrun --nproc_per_node 2 -m megatron_rlrt.trainer.cli ARGS`` in its own session (a
+    timeout kills torchrun AND its ranks); returns (stdout, stderr)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "megatron_rlrt.trainer.cli", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return stdout, stderr
+
+
+@pytest.mark.slow  # SFT + torchrun
+def test_rlt_teacher_warmup_then_rlt_through_torchrun(tiny_model, arithmetic_data, tmp_path):
+    """Warm-up SFT, then its result as --hf-checkpoint of an rlt run through torchrun and the CLI
+    (2 processes, TP=2, 2 steps) with the KL term and the reference moved to the policy after
+    every step (--ref-update-interval 1, mix 1): the warmed teacher closes its explanations,
+    the reference shards move on each TP rank (ref_kl 0 after every update; the 1-rank test in
+    test_ref_update.py shows it is > 0 without one) and are checkpointed; the console line has
+    rlt's columns, not RLRT's lambda."""
     from tools.warmup_sft import main, read_explanations
 
     data = tmp_path / "explanations.jsonl"
@@ -56,15 +79,26 @@ def test_rlt_teacher_warmup_lowers_the_loss_and_starts_an_rlt_run(tiny_model, ar
                  "--steps", "60", "--lr", "1e-2", "--batch-size", "8", "--no-progress"]) == 0
     rows = read_explanations([str(data)])
     before, after = _explanation_nll(tiny_model, rows), _explanation_nll(str(out), rows)
-    assert after < 0.1 * before, (before, after)  # measured: 11.9 -> 0.4
-    # the warmed-up teacher as an rlt run's --hf-checkpoint: it writes explanations that close
-    result = tmp_path / "rlt.json"
-    argv = _base(str(out), arithmetic_data) + ["--rollout-max-response-len", "40", "--train-iters", "1",
-                                               "--global-batch-size", "8"]
-    parallel.spawn(methods_rank, 1, argv, ["rlt"], str(result))
-    m = json.loads(result.read_text())["rlt"]["metrics"][-1]
-    # measured 0.625 of 8 (the starting tiny model never writes the closing tag)
-    assert m["rlt/explanation_closed"] > 0.25 and m["actor/grad_norm"] > 0, m
+    assert after < 0.1 * before, (before, after)  # measured: 11.9 -> 0.42
+
+    run = tmp_path / "run"
+    stdout, _ = _torchrun_cli(
+        "--hf-checkpoint", str(out), "--prompt-data", arithmetic_data, "--advantage-estimator", "rlt",
+        "--tensor-model-parallel-size", "2", "--train-iters", "2", "--rollout-batch-size", "2",
+        "--n-samples-per-prompt", "4", "--rollout-max-response-len", "40", "--global-batch-size", "8", "--lr", "1e-3",
+        "--kl-coef", "0.1", "--ref-update-interval", "1", "--ref-update-mix", "1",
+        "--plugins", "tests.helpers.hash_parity_plugin", "--reward", "hash_parity", "--save", str(run),
+        "--no-progress", "--no-tensorboard")
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all("| reward " in line and "lambda" not in line for line in lines), lines
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["actor/grad_norm"] > 0 and m["ref/updated"] == 1.0 and "rlt/r_kl" in m
+        assert m["actor/ref_kl"] == pytest.approx(0, abs=1e-6)  # step 2: the reference is step 1's policy
+    # the starting tiny model never writes the closing tag; the warmed teacher mostly does
+    assert metrics[0]["rlt/explanation_closed"] > 0.25, metrics[0]
+    assert (run / "checkpoints" / "iter_0000002" / "reference").is_dir()
 
 
 def test_rlt_warmup_rows_are_checked(tmp_path, capsys):

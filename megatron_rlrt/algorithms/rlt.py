@@ -38,7 +38,10 @@ old-policy pass's log-probs of the explanation tokens (log pi_T, the policy cond
 q + s). Rewards are gathered over data-parallel ranks, then GRPO's group advantage (std
 normalised, as the authors' TRL-based GRPO trainer) trains the teacher. Both log-probs are at
 ``--rollout-temperature`` (the authors sample and score at 0.7). ``--rlt-alpha`` and
-``--rlt-lambda`` override alpha and lambda.
+``--rlt-lambda`` override alpha and lambda. With ``--kl-coef`` (the authors' beta: 0.04) the
+reference is re-synced as theirs (TRL's SyncRefModelCallback: every 32 optimizer steps,
+ref <- 0.1 ref + 0.9 policy); our interval counts RL steps, one optimizer step each in the
+authors' layout (examples/recipes/rlt_teacher_qwen3_8b.yaml).
 """
 
 from __future__ import annotations

@@ -191,15 +191,17 @@ def test_cp_split_puts_teacher_tokens_on_another_rank_than_their_student_source(
     assert 0 < crossing < 61
 
 
-def test_distillation_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
-    """Top-K distillation (sdpo: teacher rows for both samples, scored at the policy's top-K ids of
-    the matching student position, which may sit on the other CP rank) as a whole trainer step:
-    CP=2 picks the same top-K ids as CP=1, and its log-probs, teacher top-K log-probs (1e-5),
-    gradients (1e-5 relative) and distillation loss equal CP=1's (the loss, a JSD of two nearly
-    equal distributions, is ~1.7e-7 here: compared on assert_same_step's absolute scale; the
-    gradients carry the relative check)."""
+@pytest.mark.parametrize("method", [["sdpo"], ["srpo", "--teacher-weights", "initial"]], ids=["sdpo", "srpo_frozen"])
+def test_distillation_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path, method):
+    """Top-K distillation as a whole trainer step, teacher rows for both samples. sdpo: the
+    current-policy teacher shares the student's pass and is scored at the policy's top-K ids of the
+    matching student position, which may sit on the other CP rank; srpo with a frozen teacher: a
+    separate teacher pass scored at the given ids, and the routed loss. CP=2 picks the same top-K ids
+    as CP=1, and its log-probs, teacher top-K log-probs (1e-5), gradients (1e-5 relative) and
+    distillation loss equal CP=1's (the loss, a JSD of two nearly equal distributions, is ~1e-7
+    here: compared on assert_same_step's absolute scale; the gradients carry the relative check)."""
     lengths = (13, 21, 61)
-    method = ["--advantage-estimator", "sdpo", "--distill-topk", "8"]
+    method = ["--advantage-estimator", *method, "--distill-topk", "8"]
     one = run_long_step(tiny_model, arithmetic_data, tmp_path, method, 1, lengths, teacher_for_all=True)
     two = run_long_step(tiny_model, arithmetic_data, tmp_path, method + ["--context-parallel-size", "2"], 2,
                         lengths, teacher_for_all=True)

@@ -96,6 +96,7 @@ def assert_same_step(a, b, grad_rtol=1e-5, grad_norms_only=False):
             assert abs(a["metrics"][key] - b["metrics"][key]) <= 1e-5 * max(1.0, abs(b["metrics"][key])), key
 
 
+@pytest.mark.slow  # spawns ranks
 def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data, tmp_path, cp1_step):
     """The trainer's whole RLRT step on fixed ids (rows of prompt 13 + peer 21 + response 301 tokens,
     longer than one budget of 512 tokens per GPU at CP=1 so samples split over micro-batches):
@@ -107,6 +108,7 @@ def test_rlrt_step_at_context_parallel_2_equals_cp1(tiny_model, arithmetic_data,
     assert_same_step(two, one)
 
 
+@pytest.mark.slow  # spawns ranks
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2cp2", "tp2sp_cp2"])
 def test_rlrt_step_at_tp2_cp2_equals_tp1_cp1(tiny_model, arithmetic_data, tmp_path, cp1_step, sequence_parallel):
     """4 ranks, TP=2 x CP=2, with and without sequence parallelism (rows padded to 2 x CP x TP; norms
@@ -145,6 +147,7 @@ def test_token_budget_gives_an_oversized_row_its_own_microbatch():
     assert any(sorted(len(r) for r in mb)[-2:] == [910, 950] for mb in cp2)
 
 
+@pytest.mark.slow  # spawns ranks
 def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
     """The trainer as launched (HF rollouts, verifier, RLRT teacher views), same seed: the first two
     steps' losses and metrics at --context-parallel-size 2 equal CP=1's (1e-4 relative: step 2's
@@ -191,6 +194,7 @@ def test_cp_split_puts_teacher_tokens_on_another_rank_than_their_student_source(
     assert 0 < crossing < 61
 
 
+@pytest.mark.slow  # spawns ranks
 @pytest.mark.parametrize("method", [["sdpo"], ["srpo", "--teacher-weights", "initial"]], ids=["sdpo", "srpo_frozen"])
 def test_distillation_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path, method):
     """Top-K distillation as a whole trainer step, teacher rows for both samples. sdpo: the

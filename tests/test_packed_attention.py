@@ -60,12 +60,14 @@ def cp2_checks(tiny_models, tmp_path_factory):
     return json.loads((tmp / "cp.json").read_text()), json.loads((tmp / "model.json").read_text())
 
 
+@pytest.mark.slow  # two ranks (shared start)
 def test_context_parallel_attention_equals_reference_on_two_ranks(cp2_checks):
     for rank in cp2_checks[0]:
         assert rank["out"] < 1e-12, rank
         assert max(rank["grads"]) < 1e-12, rank
 
 
+@pytest.mark.slow  # two ranks (shared start)
 def test_megatron_packed_forward_at_context_parallel_equals_cp1_and_hf(cp2_checks):
     """GQA tiny Qwen3 through GPTModel with the packed THD input, zigzag over CP=2 ranks (TP=1):
     per-token log-probs equal the CP=1 run (1e-5) and Hugging Face's per-row forward; parameter

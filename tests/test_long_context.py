@@ -171,6 +171,8 @@ def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, t
         one, two = runs["cp1"][step], runs["cp2"][step]
         assert one["actor/grad_norm"] > 0
         for key, value in one.items():
+            if key.endswith("_s"):  # wall-clock timings (reward/score_time_s) differ with machine load
+                continue
             if key.startswith(("loss/", "actor/", "rlrt/", "reward/", "response/")) and isinstance(value, float):
                 assert abs(two[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, two[key])
 

@@ -150,8 +150,8 @@ def test_token_budget_gives_an_oversized_row_its_own_microbatch():
 @pytest.mark.slow  # spawns ranks
 def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, tmp_path):
     """The trainer as launched (HF rollouts, verifier, RLRT teacher views), same seed: the first two
-    steps' losses and metrics at --context-parallel-size 2 equal CP=1's (1e-4 relative: step 2's
-    rollouts come from weights updated by each run)."""
+    steps' losses and metrics at --context-parallel-size 2, and at TP=2 x CP=2 (4 ranks), equal CP=1's
+    (1e-4 relative: step 2's rollouts come from weights updated by each run)."""
     import json
 
     from megatron_rlrt import parallel
@@ -162,19 +162,25 @@ def test_trainer_cli_first_step_at_cp2_equals_cp1(tiny_model, arithmetic_data, t
             "--rollout-max-response-len", "6", "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
             "--no-progress", "--no-tensorboard", "--enable-thinking", "--teacher-max-prompt-len", "512", "--seed", "7"]
     runs = {}
-    for name, extra, world in (("cp1", [], 1), ("cp2", ["--context-parallel-size", "2"], 2)):
+    layouts = (("cp1", [], 1), ("cp2", ["--context-parallel-size", "2"], 2),
+               ("tp2cp2", ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"], 4))
+    for name, extra, world in layouts:
         parallel.spawn(train_rank, world, base + extra + ["--save", str(tmp_path / name)])
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = {r["step"]: r for r in map(json.loads, lines) if r["step"] in (1, 2)}
     assert sum(runs["cp1"][s]["rlrt/teacher_built"] for s in (1, 2)) > 0
-    for step in (1, 2):  # step 2 also checks that the CP=2 update moved the weights like CP=1's
-        one, two = runs["cp1"][step], runs["cp2"][step]
-        assert one["actor/grad_norm"] > 0
-        for key, value in one.items():
-            if key.endswith("_s"):  # wall-clock timings (reward/score_time_s) differ with machine load
-                continue
-            if key.startswith(("loss/", "actor/", "rlrt/", "reward/", "response/")) and isinstance(value, float):
-                assert abs(two[key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, two[key])
+    compared = 0
+    for other in ("cp2", "tp2cp2"):
+        for step in (1, 2):  # step 2 also checks that the CP=2 update moved the weights like CP=1's
+            one, two = runs["cp1"][step], runs[other][step]
+            assert one["actor/grad_norm"] > 0
+            for key, value in one.items():
+                if key.endswith("_s"):  # wall-clock timings (reward/score_time_s) differ with machine load
+                    continue
+                if key.startswith(("loss/", "actor/", "rlrt/", "reward/", "response/")) and isinstance(value, float):
+                    assert abs(two[key] - value) <= 1e-4 * max(1.0, abs(value)), (other, step, key, value, two[key])
+                    compared += 1
+    assert compared > 40
 
 
 def test_cp_split_puts_teacher_tokens_on_another_rank_than_their_student_source(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.plan_memory import PRESETS, gpu_params, plan, recommend
+from tools.plan_memory import PRESETS, gpu_params, plan, recommend, validate_cpu
 
 
 def test_static_terms_match_hand_computed_qwen3_8b():
@@ -33,7 +33,14 @@ def test_recommendations_fit_the_gpu():
         fits = recommend(PRESETS[name], 80.0, 8)
         assert fits and all(pl.total_gb <= 72.0 for _, pl in fits)
 
-# The measured-vs-predicted check (forward + backward at 8k/32k packed tokens, within 20 %) is a
-# measurement, not a test: `python tools/plan_memory.py --validate-cpu` (benchmarks/RESULTS.md). In the
-# full suite's process tree it once measured a flat ~1.07 GB extra peak at both sizes (slope 0.06x the
-# prediction; standalone 1.04x), a cause not yet found.
+@pytest.mark.slow  # two measured subprocesses, ~1 min
+def test_activation_and_buffer_terms_match_measured_cpu_peak(tmp_path):
+    """Forward + backward of a hidden-96 Qwen3 (real vocabulary) at 4k and 16k packed tokens (rows of
+    4k): the measured extra peak RSS per token is within 20 % of the local-spec prediction. The parent
+    holds ~0.8 GB first: a peak read from ru_maxrss inherited it across fork+exec and came out flat."""
+    import torch
+
+    ballast = torch.ones(200 * 2**20)  # 0.8 GB of touched pages in the measuring process's parent
+    res = validate_cpu(counts=(4096, 16384), row=4096, tmp=str(tmp_path))
+    del ballast
+    assert 0.8 <= res["ratio"] <= 1.2, res

@@ -342,6 +342,7 @@ def plot_training(groups: dict[str, list[Run]], path: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(groups)}  # one colour per method in every panel
     for ax, (key, label) in zip(axes, CURVES):
         for name, runs in groups.items():
             steps = sorted({s for r in runs for s in r.steps if _is_num(r.steps[s].get(key)) and s > 0})
@@ -349,13 +350,14 @@ def plot_training(groups: dict[str, list[Run]], path: str, title: str) -> str:
                 continue
             per = [[r.steps[s][key] for r in runs if _is_num(r.steps.get(s, {}).get(key))] for s in steps]
             mean = [sum(v) / len(v) for v in per]
-            line, = ax.plot(steps, mean, label=f"{name} (n={len(runs)})")
+            ax.plot(steps, mean, label=f"{name} (n={len(runs)})", color=colors[name])
             if len(runs) > 1:
-                ax.fill_between(steps, [min(v) for v in per], [max(v) for v in per], alpha=0.2,
-                                color=line.get_color())
+                ax.fill_between(steps, [min(v) for v in per], [max(v) for v in per], alpha=0.2, color=colors[name])
         ax.set_xlabel("RL step")
         ax.set_title(label, fontsize=10)
-    axes[0].legend(fontsize=7)
+    for ax in axes:  # each panel names the methods it shows (GRPO logs no D_t)
+        if ax.lines:
+            ax.legend(fontsize=6)
     fig.suptitle(f"{title}training curves: mean over seeds, band = min..max".strip())
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -135,7 +135,7 @@ def test_report_table_and_figures(study):
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such directory"),
     ("no_metrics", "no metrics.jsonl"),
-    ("bad_json", "metrics.jsonl line 2: not valid JSON"),
+    ("bad_json", "metrics.jsonl, row 2: invalid JSON"),
     ("no_reward", "no step has reward/mean"),
     ("two_benchmarks", "choose one with --benchmark"),
 ])

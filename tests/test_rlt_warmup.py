@@ -107,10 +107,10 @@ def test_rlt_warmup_rows_are_checked(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1 + 1 =", "solution": "2", "explanation": "add"}) + "\n"
                    + json.dumps({"prompt": "2 + 2 =", "solution": "4"}) + "\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: --task rlt needs a non-empty explanation"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl, row 2: --task rlt needs a non-empty explanation"):
         read_explanations([str(bad)])
     bad.write_text("{not json\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: not a JSON object"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl, row 1: invalid JSON"):
         read_explanations([str(bad)])
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q?"}],

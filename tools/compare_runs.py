@@ -91,20 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 # --- reading -----------------------------------------------------------------------------------
 
 
+def _jsonl_rows(path: str):
+    """(line, object) per row via the data layer's reader; its errors become one RunError."""
+    from megatron_rlrt.data.errors import DatasetError
+    from megatron_rlrt.data.readers import iter_jsonl
+
+    try:
+        yield from iter_jsonl(path)
+    except DatasetError as exc:
+        raise RunError(str(exc)) from None
+
+
 def read_metrics(path: str) -> dict[int, dict]:
     """step -> row of a metrics.jsonl (a later row of the same step updates the earlier one)."""
     steps: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise RunError(f"{path} line {n}: expected a JSON object with an integer 'step'")
-            steps.setdefault(row["step"], {}).update(row)
+    for n, row in _jsonl_rows(path):
+        if not isinstance(row.get("step"), int):
+            raise RunError(f"{path}, row {n}: expected a JSON object with an integer 'step'")
+        steps.setdefault(row["step"], {}).update(row)
     return steps
 
 
@@ -133,14 +137,7 @@ def read_eval(directory: str, benchmark: Optional[str]) -> tuple[Optional[dict],
     records_path = os.path.join(directory, label.replace("/", "_"), f"{benchmark}.jsonl")
     records = None
     if os.path.isfile(records_path):
-        records = []
-        with open(records_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise RunError(f"{records_path} line {n}: not valid JSON ({exc.msg})") from None
+        records = [row for _, row in _jsonl_rows(records_path)]
     return summary, records
 
 

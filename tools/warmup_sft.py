@@ -172,29 +172,26 @@ def train(args) -> dict:
 def read_explanations(paths: list[str]) -> list[dict]:
     """Rows of --task rlt: {"question", "solution", "explanation"} from jsonl files; a bad row
     is an error naming its file and line."""
-    import json
+    from megatron_rlrt.data.errors import DatasetError
+    from megatron_rlrt.data.readers import iter_jsonl
 
     rows = []
     for path in paths:
         if not os.path.isfile(path):
             raise SystemExit(f"error: --data {path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"error: {path}:{n}: not a JSON object ({exc.msg})") from None
-                question = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
+        try:
+            for n, row in iter_jsonl(path):
+                question = row.get("question", row.get("prompt"))
                 if isinstance(question, list):  # chat messages: the last user turn, as the trainer reads it
                     question = next((m.get("content") for m in reversed(question) if m.get("role") == "user"), None)
                 missing = [k for k, v in (("prompt/question", question), ("solution", row.get("solution")),
                                           ("explanation", row.get("explanation"))) if not isinstance(v, str) or not v]
                 if missing:
-                    raise SystemExit(f"error: {path}:{n}: --task rlt needs a non-empty {', '.join(missing)} "
+                    raise SystemExit(f"error: {path}, row {n}: --task rlt needs a non-empty {', '.join(missing)} "
                                      "(rows as tools/rlt_distill_data.py writes them)")
                 rows.append({"question": question, "solution": row["solution"], "explanation": row["explanation"]})
+        except DatasetError as exc:
+            raise SystemExit(f"error: {exc}") from None
     if not rows:
         raise SystemExit(f"error: --data {', '.join(paths)}: no rows")
     return rows

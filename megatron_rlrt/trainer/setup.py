@@ -123,12 +123,17 @@ def resumed_reference(cfg: Config, chunks, reference: WeightSnapshot | None,
     from where it was); a fixed one is the starting weights or --ref-load, as in a fresh run."""
     if reference is None or resumed_from is None or not cfg.resolved_ref_update()[0]:
         return reference
-    ref_dir = os.path.join(resumed_from, ckpt.REFERENCE_DIR)
-    if not os.path.isdir(ref_dir):
-        raise CheckpointError(f"--ref-update-interval {cfg.resolved_ref_update()[0]}: the checkpoint {resumed_from} "
-                              f"has no {ckpt.REFERENCE_DIR}/ (it was saved by a run whose reference did not move); "
-                              "resume with --ref-update-interval 0, or start a new run")
-    return WeightSnapshot.load(chunks, ref_dir)
+    return _checkpointed_snapshot(
+        chunks, resumed_from, ckpt.REFERENCE_DIR, f"--ref-update-interval {cfg.resolved_ref_update()[0]}",
+        "it was saved by a run whose reference did not move); resume with --ref-update-interval 0, or start a new run")
+
+
+def _checkpointed_snapshot(chunks, resumed_from: str, subdir: str, flag: str, why: str) -> WeightSnapshot:
+    """The weight snapshot a checkpoint keeps in ``subdir`` (moving reference, EMA teacher)."""
+    path = os.path.join(resumed_from, subdir)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{flag}: the checkpoint {resumed_from} has no {subdir}/ ({why}")
+    return WeightSnapshot.load(chunks, path)
 
 
 def scorer_weights(cfg: Config, method: MethodSpec, chunks, arch: Qwen3Spec, initial: WeightSnapshot | None,
@@ -173,9 +178,5 @@ def teacher_weights(cfg: Config, method: MethodSpec, chunks, initial: WeightSnap
         return initial
     if resumed_from is None:  # a fresh run: the model holds the starting weights
         return WeightSnapshot.of(chunks)
-    ema_dir = os.path.join(resumed_from, ckpt.TEACHER_EMA_DIR)
-    if not os.path.isdir(ema_dir):
-        raise CheckpointError(f"--teacher-weights ema: the checkpoint {resumed_from} has no "
-                              f"{ckpt.TEACHER_EMA_DIR}/ (it was saved by a run with another teacher); resume "
-                              "with the same --teacher-weights")
-    return WeightSnapshot.load(chunks, ema_dir)
+    return _checkpointed_snapshot(chunks, resumed_from, ckpt.TEACHER_EMA_DIR, "--teacher-weights ema",
+                                  "it was saved by a run with another teacher); resume with the same --teacher-weights")

@@ -10,6 +10,21 @@ import torch.distributed as dist
 from megatron_rlrt.reward.testing import HashParityVerifier
 
 
+def assert_resumed_steps_equal(straight: dict, resumed: dict, steps=(3, 4)) -> int:
+    """Every float metric of ``steps`` (timings aside) of a resumed run equals the straight run's;
+    returns how many were compared, so a caller can check the comparison was not empty."""
+    import pytest
+
+    compared = 0
+    for step in steps:
+        for key, value in straight[step].items():
+            if key.startswith("perf/") or "time" in key or not isinstance(value, float):
+                continue
+            assert resumed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+            compared += 1
+    return compared
+
+
 def register_test_rewards() -> None:
     from megatron_rlrt.reward.registry import _REGISTERED, register_reward
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,15 +33,13 @@ def read_metrics(path: str) -> list[dict]:
     file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise SystemExit(f"error: {file}: no metrics.jsonl")
-    rows = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"error: {file}:{n}: not JSON ({exc})")
-    return rows
+    from megatron_rlrt.data.errors import DatasetError
+    from megatron_rlrt.data.readers import iter_jsonl
+
+    try:
+        return [row for _, row in iter_jsonl(file)]
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def series(rows: list[dict], key: str, smooth: int) -> tuple[list[int], list[float]]:

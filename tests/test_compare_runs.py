@@ -98,6 +98,26 @@ def test_numbers_over_seeds_match_hand_computation(study):
     assert run1["strategies"]["shares"] == pytest.approx({"left": 0.75, "right": 0.25})
 
 
+def test_paired_differences_against_the_reference_by_hand(study):
+    root, paths = study
+    out = root / "report"
+    text = C.compare(_args(paths, out))
+    paired = json.load(open(out / "summary.json"))["paired_vs_reference"]
+    assert paired["reference"] == "grpo" and set(paired) == {"reference", "rlrt"}
+    rlrt = paired["rlrt"]
+    # only seed 1 is shared: all-steps reward 0.6 - 0.5, last-2 reward 0.9 - 0.7; rlrt has no evaluation
+    assert rlrt["seeds"] == 1
+    assert rlrt["reward, all steps"] == pytest.approx({"mean": 0.1, "min": 0.1, "max": 0.1, "positive": 1, "n": 1})
+    assert rlrt["train reward (last)"] == pytest.approx({"mean": 0.2, "min": 0.2, "max": 0.2, "positive": 1, "n": 1})
+    assert "held-out avg@n" not in rlrt and "pass@1" not in rlrt
+    section = text[text.index("paired by seed"):]
+    row = next(line for line in section.splitlines() if line.startswith("| rlrt | 1 |"))
+    assert "+0.100 [+0.100, +0.100] (1/1)" in row and row.endswith("| - | - |")
+    # against a method that has no runs: no table
+    text = C.compare(_args(paths, root / "r2", "--reference", "none"))
+    assert "paired by seed" not in text
+
+
 def test_passk_confidence_interval_by_hand(study):
     root, paths = study
     runs = [C.load_run(p, C.re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$"), "eval", None) for p in paths[:2]]
@@ -121,11 +141,12 @@ def test_report_table_and_figures(study):
     table = (out / "report.md").read_text()
     assert text.startswith(table)
     grpo_row = next(line for line in table.splitlines() if line.startswith("| grpo |"))
-    assert "| 2 | 4 | 0.600 [0.500, 0.700] |" in grpo_row
+    # reward over all steps (s1 0.5, s2 0.35), then over the last 2 (s1 0.7, s2 0.5)
+    assert "| 2 | 4 | 0.425 [0.350, 0.500] | 0.600 [0.500, 0.700] |" in grpo_row
     assert "0.750 [0.500, 1.000]" in grpo_row  # pass@4
     assert any(line.startswith("| step 0 (warm-up) |") for line in table.splitlines())
     rlrt_row = next(line for line in table.splitlines() if line.startswith("| rlrt |"))
-    assert "| 1 | 4 | 0.900 |" in rlrt_row  # one seed: no range
+    assert "| 1 | 4 | 0.600 | 0.900 |" in rlrt_row  # one seed: no range
     assert "Strategy shares" in table
     for png in ("training.png", "passk.png"):
         data = (out / png).read_bytes()

@@ -11,11 +11,16 @@ name (--group-regex; default: "<method>-s<seed>"), and every number is reported 
 seeds with [min, max] across seeds:
 
   train reward     mean of reward/mean over the last --last steps
+  reward, all      mean of reward/mean over every step (area under the reward curve / steps: how fast
+                   the reward rose, not only where it ended)
   held-out avg@n   mean correctness of n samples per held-out problem; pass@k for k = 1..n
                    (Chen et al.'s unbiased estimator) with a 95 % confidence interval over
                    problems (normal approximation of the per-problem values, seeds averaged)
   length, entropy  response/length_mean and actor/entropy over the last --last steps
   RLRT weights     rlrt/d_mean, rlrt/d_positive_frac, rlrt/clip_frac (last --last steps)
+  vs reference     --reference METHOD: per seed, each method's number minus the reference's on the
+                   same seed (same data order and sampling seed), mean [min, max] over the shared
+                   seeds and how many seeds the difference is > 0: the effect size and its spread
   strategies       among CORRECT held-out responses: the share of each strategy and the entropy
                    (nats) of that distribution (--strategy-classifier names the function that
                    reads a response's strategy; `none` turns it off)
@@ -48,6 +53,7 @@ TRAIN_COLUMNS = (
     ("D_t>0 frac", "rlrt/d_positive_frac"),
     ("clip frac", "rlrt/clip_frac"),
 )
+ALL_STEPS_REWARD = "reward, all steps"
 CURVES = (("reward/mean", "training reward"), ("response/length_mean", "response length (tokens)"),
           ("actor/entropy", "entropy"), ("rlrt/d_mean", "rlrt/d_mean (nats)"), ("rlrt/clip_frac", "RLRT clip fraction"))
 DEFAULT_CLASSIFIER = "megatron_rlrt.data.strategy_task:classify"
@@ -84,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy-classifier", default=DEFAULT_CLASSIFIER,
                    help="module:function mapping a response text to a strategy name (for the strategy shares and "
                         "entropy among correct held-out responses); 'none' turns the strategy columns off")
+    p.add_argument("--reference", default="grpo",
+                   help="method the paired-by-seed differences are taken against (default grpo; 'none' or a "
+                        "method that is not among the runs: no difference table)")
     p.add_argument("--title", default="", help="title prefix of the figures")
     return p
 
@@ -238,6 +247,7 @@ def load_classifier(spec: str) -> Optional[Callable[[str], str]]:
 
 def run_numbers(run: Run, last: int, classify) -> dict:
     out = {col: tail_mean(run, key, last) for col, key in TRAIN_COLUMNS}
+    out[ALL_STEPS_REWARD] = tail_mean(run, "reward/mean", len(run.steps) or 1)
     out["steps"] = max(s for s in run.steps if "reward/mean" in run.steps[s])
     if run.eval_summary:
         n = int(run.eval_summary["n"])
@@ -271,7 +281,7 @@ def build_table(groups: dict[str, list[Run]], per_run: dict[str, dict], baseline
     """Markdown table (mean [min, max] over seeds) and the per-method numbers behind it."""
     ns = {per_run[r.path]["n"] for runs in groups.values() for r in runs if "n" in per_run[r.path]}
     n = max(ns) if ns else None
-    cols = ["method", "seeds", "steps"] + [c for c, _ in TRAIN_COLUMNS]
+    cols = ["method", "seeds", "steps", ALL_STEPS_REWARD] + [c for c, _ in TRAIN_COLUMNS]
     if n:
         cols += [f"held-out avg@{n}", "pass@1", f"pass@{n}"]
     cols += ["strategy entropy (correct)"]
@@ -279,7 +289,7 @@ def build_table(groups: dict[str, list[Run]], per_run: dict[str, dict], baseline
     methods = {}
     if baseline is not None:
         bn = int(baseline["n"])
-        cells = ["step 0 (warm-up)", "-", "0"] + ["-"] * len(TRAIN_COLUMNS)
+        cells = ["step 0 (warm-up)", "-", "0"] + ["-"] * (len(TRAIN_COLUMNS) + 1)
         if n:
             cells += [f"{baseline[f'avg@{bn}']:.3f}", f"{baseline['pass@k']['1']:.3f}",
                       f"{baseline['pass@k'].get(str(n), float('nan')):.3f}"]
@@ -290,7 +300,7 @@ def build_table(groups: dict[str, list[Run]], per_run: dict[str, dict], baseline
         single = len(runs) == 1
         row = {"seeds": [r.seed for r in runs], "steps": sorted({x["steps"] for x in nums})}
         cells = [name, str(len(runs)), "/".join(map(str, row["steps"]))]
-        for col, _ in TRAIN_COLUMNS:
+        for col in [ALL_STEPS_REWARD] + [c for c, _ in TRAIN_COLUMNS]:
             row[col] = spread([x[col] for x in nums])
             cells.append(fmt(row[col], single=single))
         if n:
@@ -307,6 +317,45 @@ def build_table(groups: dict[str, list[Run]], per_run: dict[str, dict], baseline
     note = ("Each cell: mean over seeds [min, max]; train columns average the last steps of each run; held-out "
             "columns come from each run's final checkpoint.")
     return "\n".join(lines) + "\n\n" + note + "\n", methods
+
+
+# (column, per-run key) of the paired differences: higher is better for each
+PAIRED = ((ALL_STEPS_REWARD, ALL_STEPS_REWARD), ("train reward (last)", "train reward"), ("held-out avg@n", "avg@n"))
+
+
+def paired_differences(groups: dict[str, list[Run]], per_run: dict[str, dict], reference: str) -> tuple[str, dict]:
+    """Per seed: method minus ``reference`` on the same seed; mean [min, max] over the seeds both ran
+    and the number of seeds with a positive difference."""
+    if reference not in groups:
+        return "", {}
+    ref = {r.seed: per_run[r.path] for r in groups[reference]}
+    out, lines = {}, []
+    cols = [c for c, _ in PAIRED] + ["pass@1"]
+    lines = ["| method | seeds paired | " + " | ".join(f"{c}: diff [min, max] (seeds > 0)" for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for name, runs in groups.items():
+        if name == reference:
+            continue
+        pairs = [(per_run[r.path], ref[r.seed]) for r in runs if r.seed in ref]
+        if not pairs:
+            continue
+        row, cells = {"seeds": len(pairs)}, [name, str(len(pairs))]
+        for col, key in PAIRED + (("pass@1", None),):
+            get = (lambda x: x.get("pass@k", {}).get(1)) if key is None else (lambda x, k=key: x.get(k))
+            diffs = [get(a) - get(b) for a, b in pairs if get(a) is not None and get(b) is not None]
+            if not diffs:
+                cells.append("-")
+                continue
+            row[col] = {"mean": sum(diffs) / len(diffs), "min": min(diffs), "max": max(diffs),
+                        "positive": sum(d > 0 for d in diffs), "n": len(diffs)}
+            cells.append(f"{row[col]['mean']:+.3f} [{row[col]['min']:+.3f}, {row[col]['max']:+.3f}] "
+                         f"({row[col]['positive']}/{len(diffs)})")
+        out[name] = row
+        lines.append("| " + " | ".join(cells) + " |")
+    if not out:
+        return "", {}
+    return (f"Difference from {reference}, paired by seed (same data order and sampling seed): mean [min, max] over "
+            "seeds, and in how many seeds the method is higher:\n\n" + "\n".join(lines) + "\n"), out
 
 
 def strategy_table(groups: dict[str, list[Run]], per_run: dict[str, dict], baseline_strategies: Optional[dict]) -> str:
@@ -415,6 +464,7 @@ def compare(args) -> str:
     baseline_strategies = strategy_stats(baseline_records, classify) if baseline_records and classify else None
     table, methods = build_table(groups, per_run, baseline, baseline_strategies)
     strategies = strategy_table(groups, per_run, baseline_strategies) if classify else ""
+    paired_md, paired = paired_differences(groups, per_run, args.reference)
     curves = {name: passk_with_ci(rs) for name, rs in groups.items()}
     if baseline_records:
         base = Run(args.baseline_eval, "step 0", "", {}, baseline, baseline_records)
@@ -433,12 +483,13 @@ def compare(args) -> str:
         for name, c in curves.items():
             passk_md += f"| {name} | " + " | ".join(
                 f"{c[k][0]:.3f} [{c[k][1]:.3f}, {c[k][2]:.3f}]" if k in c else "-" for k in ks_shown) + " |\n"
-    report = "\n".join(x for x in (table, passk_md, strategies) if x)
+    report = "\n".join(x for x in (table, paired_md, passk_md, strategies) if x)
     with open(os.path.join(args.output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(report)
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(_plain({"runs": {r.path: {"group": r.group, "seed": r.seed, **per_run[r.path]} for r in runs},
-                          "methods": methods, "passk_ci": curves,
+                          "methods": methods, "paired_vs_reference": {"reference": args.reference, **paired},
+                          "passk_ci": curves,
                           "baseline": {"eval": baseline, "strategies": baseline_strategies} if baseline else None}),
                   f, indent=1)
     return report + "\nfigures: " + ", ".join(figures) + "\n"

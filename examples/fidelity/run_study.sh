@@ -36,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
-QUICK=0 OUT="" SEEDS="" STEPS="" METHODS="rlrt_eps1 grpo rlrt_all rlsd grpo_eb rlrt_eps02" EVAL_N="" EVAL_PROBLEMS="" PROMPTS="" SFT_STEPS=450
+QUICK=0 OUT="" SEEDS="" STEPS="" METHODS="rlrt_eps1 grpo rlrt_all rlsd grpo_eb rlrt_eps02" EVAL_N="" EVAL_PROBLEMS="" PROMPTS="" SFT_STEPS=1500
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -56,7 +56,7 @@ done
 if [ "$QUICK" = 1 ]; then
   OUT=${OUT:-outputs/fidelity-quick}; SEEDS=${SEEDS:-1}; STEPS=${STEPS:-5}; EVAL_N=${EVAL_N:-8}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-24}; PROMPTS=${PROMPTS:-4}
 else
-  OUT=${OUT:-outputs/fidelity-study}; SEEDS=${SEEDS:-"1 2 3"}; STEPS=${STEPS:-40}; EVAL_N=${EVAL_N:-16}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-0}; PROMPTS=${PROMPTS:-8}
+  OUT=${OUT:-outputs/fidelity-study}; SEEDS=${SEEDS:-"1 2 3"}; STEPS=${STEPS:-30}; EVAL_N=${EVAL_N:-16}; EVAL_PROBLEMS=${EVAL_PROBLEMS:-0}; PROMPTS=${PROMPTS:-4}
 fi
 
 # method name -> trainer flags (Appendix G: Dr. GRPO without std-norm, RLRT/RLSD with it, lambda 0.5)

@@ -72,14 +72,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- worker side
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 class PeakMemory:
     """Extra peak memory of a block: CPU via VmHWM reset, CUDA via the caching allocator's stats."""
 
@@ -91,25 +83,27 @@ class PeakMemory:
 
         import torch
 
+        from megatron_rlrt import procmem
+
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.base = _status_kib("VmRSS") * 1024
+            self.base = procmem.reset_peak()
         return self
 
     def __exit__(self, *exc):
         import torch
 
+        from megatron_rlrt import procmem
+
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.peak = _status_kib("VmHWM") * 1024 - self.base
+            self.peak = procmem.peak_bytes() - self.base
 
 
 def worker(args) -> None:

@@ -7,7 +7,8 @@ megatron's schedule, DDP and Adam) on a fixed-token batch from the test harness
 teacher row = prompt + peer solution + the same response; no sampling). Tiny Qwen3 with the REAL
 151,936-entry vocabulary, hidden 96, 2 layers (the issue's baseline model), float32.
 
-Per response length and layout it prints the peak RSS of every rank (whole process: model,
+Per response length and layout it prints the peak RSS of every rank during the step (VmHWM
+reset right before it, megatron_rlrt/procmem.py; whole process: model,
 Adam, rank 0's HF rollout engine), the peak above the RSS just before the step ("extra peak"; an
 underestimate when the step reuses memory the process already freed), the step time, and:
   * growth: peak RSS per response token between consecutive lengths -- constant when memory

@@ -194,10 +194,9 @@ def recommend(m: Qwen3Spec, gpu_gb: float, num_gpus: int = 8, **kw) -> list[tupl
 def _measure_rank(hidden, layers, rows, out_path):
     """Extra peak RSS of forward + backward (fp32, local spec, fused-linear log-probs) of a packed
     batch of ``rows`` token counts."""
-    import psutil
     import torch
 
-    from megatron_rlrt import parallel
+    from megatron_rlrt import parallel, procmem
 
     parallel.initialize(parallel.ParallelLayout())
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -232,22 +231,12 @@ def _measure_rank(hidden, layers, rows, out_path):
     # Peak RSS of this step alone: reset the kernel's VmHWM to the current RSS, then read it back.
     # Not ru_maxrss: Linux carries the parent's high-water RSS across fork+exec into it, so under a
     # 1 GB pytest process every size read a flat ~1.07 GB (the cause of the old in-suite failure).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = psutil.Process().memory_info().rss
+    before = procmem.reset_peak()
     step()
-    peak = _status_bytes("VmHWM")
+    peak = procmem.peak_bytes()
     with open(out_path, "w") as f:
         json.dump({"tokens": n, "extra_peak_bytes": peak - before}, f)
     parallel.destroy()
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(field)
 
 
 def validate_cpu(hidden=96, layers=2, counts=(8192, 32768), row=4096, tmp=None) -> dict:

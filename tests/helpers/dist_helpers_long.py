@@ -250,7 +250,6 @@ def long_step_rank(argv, lengths, out_path, teacher_for_all=False):
     trainer on a fixed-token batch; rank 0 saves the collected log-probs, the gradients (after
     megatron's DP x CP reduction, before Adam) gathered over TP, the step metrics and the peak RSS
     of every rank."""
-    import resource
     import time
 
     from megatron_rlrt.config import parse_config
@@ -293,9 +292,9 @@ def long_step_rank(argv, lengths, out_path, teacher_for_all=False):
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
-    import psutil
+    from megatron_rlrt import procmem
 
-    rss0 = psutil.Process().memory_info().rss / 1024  # current RSS just before the step (KiB, as ru_maxrss)
+    rss0 = procmem.reset_peak()  # the step's own peak is read below (not ru_maxrss: inherited across fork+exec)
     t0 = time.perf_counter()
     try:
         metrics = trainer.step(0)
@@ -303,8 +302,8 @@ def long_step_rank(argv, lengths, out_path, teacher_for_all=False):
         trainer.close()
     seconds = time.perf_counter() - t0
     peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                                   "rss_before_step_gb": rss0 / 1e6, "step_s": seconds})
+    dist.all_gather_object(peaks, {"peak_rss_gb": procmem.peak_bytes() / 1e9,
+                                   "rss_before_step_gb": rss0 / 1e9, "step_s": seconds})
     if dist.get_rank() == 0:
         record["metrics"] = metrics
         record["ranks"] = peaks

@@ -6,17 +6,14 @@ torchrun at TP=2 on a megatron checkpoint."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
 from megatron_rlrt.analysis.scoring import PositionScores
+from tests.helpers.torchrun import torchrun_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,18 +155,9 @@ def test_analyze_asymmetry_torchrun_tp2_megatron_checkpoint(tiny_model, rollouts
     mcore = str(tmp_path / "mcore")
     hf_to_megatron(tiny_model, mcore, tp=2)
     out = str(tmp_path / "tp2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "tools", "analyze_asymmetry.py"), "--checkpoint", mcore, "--rollouts", rollouts,
-           "--output-dir", out, "--no-progress", "--max-rollouts", "2", "--tensor-model-parallel-size", "2"]
-    # own session: a timeout kills torchrun AND its ranks
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=800)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    torchrun_ok([os.path.join(REPO, "tools", "analyze_asymmetry.py"), "--checkpoint", mcore, "--rollouts", rollouts,
+                 "--output-dir", out, "--no-progress", "--max-rollouts", "2", "--tensor-model-parallel-size", "2"],
+                timeout=800)
     recs = [json.loads(line) for line in open(os.path.join(out, "asymmetry.jsonl"))]
     problems = {json.loads(line)["id"]: json.loads(line) for line in open(rollouts)}
     tok = load_tokenizer(tiny_model)

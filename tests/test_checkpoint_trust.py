@@ -240,15 +240,9 @@ def test_model_checkpoint_manifest_is_checked_on_load(tiny_model, tmp_path):
 # -- layout changes: said up front, in one line -------------------------------------------------
 
 def _torchrun(*args):
-    import subprocess
-    import sys
+    from tests.helpers.torchrun import torchrun
 
-    from megatron_rlrt.parallel import free_port
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "megatron_rlrt.trainer.cli", *args], capture_output=True, text=True,
-                          cwd=repo, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return torchrun(["-m", "megatron_rlrt.trainer.cli", *args], timeout=1200)
 
 
 def test_resume_at_another_layout(trained_run, tiny_model, arithmetic_data, tmp_path):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from megatron_rlrt.config import Config, ConfigError, build_parser, load_recipe, parse_config
+from tests.helpers.torchrun import torchrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "examples", "recipes")
@@ -195,20 +196,13 @@ def test_cli_rank0_failure_under_torchrun_is_one_line(tiny_model, tmp_path):
     exits without its own traceback."""
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "megatron_rlrt.trainer.cli", "--hf-checkpoint", tiny_model,
-                        "--prompt-data", str(data), "--save", str(tmp_path / "run"), "--train-iters", "1",
-                        "--rollout-batch-size", "1", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "4",
-                        "--tensor-model-parallel-size", "2", "--no-progress", "--no-tensorboard"],
-                       capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(["-m", "megatron_rlrt.trainer.cli", "--hf-checkpoint", tiny_model, "--prompt-data", str(data),
+                  "--save", str(tmp_path / "run"), "--train-iters", "1", "--rollout-batch-size", "1",
+                  "--n-samples-per-prompt", "2", "--rollout-max-response-len", "4", "--tensor-model-parallel-size", "2",
+                  "--no-progress", "--no-tensorboard"])
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(data) in errors[0], r.stderr[-4000:]
     # torchrun's own summary (a traceback through torch/distributed/run.py) may follow; none of ours
     assert "megatron_rlrt/" not in r.stderr and "rank 0 failed while" not in r.stderr, r.stderr[-4000:]
 
-
-def _free_port():
-    from megatron_rlrt.parallel import free_port
-
-    return free_port()

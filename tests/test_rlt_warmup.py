@@ -4,13 +4,11 @@ full-vocabulary transformers forwards, not the tool's sampled softmax), bad rows
 and the result starts an rlt run (torchrun, TP=2) whose teacher now closes its explanations."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers.torchrun import torchrun_ok
 
 
 def _explanations(data, path):
@@ -45,23 +43,6 @@ def _explanation_nll(model_dir, rows):
     return total / n
 
 
-def _torchrun_cli(*args):
-    """``torchrun --nproc_per_node 2 -m megatron_rlrt.trainer.cli ARGS`` in its own session (a
-    timeout kills torchrun AND its ranks); returns (stdout, stderr)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "megatron_rlrt.trainer.cli", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=800)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    return stdout, stderr
-
-
 @pytest.mark.slow  # SFT + torchrun
 def test_rlt_teacher_warmup_then_rlt_through_torchrun(tiny_model, arithmetic_data, tmp_path):
     """Warm-up SFT, then its result as --hf-checkpoint of an rlt run through torchrun and the CLI
@@ -82,13 +63,13 @@ def test_rlt_teacher_warmup_then_rlt_through_torchrun(tiny_model, arithmetic_dat
     assert after < 0.1 * before, (before, after)  # measured: 11.9 -> 0.42
 
     run = tmp_path / "run"
-    stdout, _ = _torchrun_cli(
-        "--hf-checkpoint", str(out), "--prompt-data", arithmetic_data, "--advantage-estimator", "rlt",
+    stdout = torchrun_ok([
+        "-m", "megatron_rlrt.trainer.cli", "--hf-checkpoint", str(out), "--prompt-data", arithmetic_data, "--advantage-estimator", "rlt",
         "--tensor-model-parallel-size", "2", "--train-iters", "2", "--rollout-batch-size", "2",
         "--n-samples-per-prompt", "4", "--rollout-max-response-len", "40", "--global-batch-size", "8", "--lr", "1e-3",
         "--kl-coef", "0.1", "--ref-update-interval", "1", "--ref-update-mix", "1",
         "--plugins", "tests.helpers.hash_parity_plugin", "--reward", "hash_parity", "--save", str(run),
-        "--no-progress", "--no-tensorboard")
+        "--no-progress", "--no-tensorboard"], timeout=800).stdout
     lines = [line for line in stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and all("| reward " in line and "lambda" not in line for line in lines), lines
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -252,7 +252,7 @@ def run_numbers(run: Run, last: int, classify) -> dict:
     if run.eval_summary:
         n = int(run.eval_summary["n"])
         out["n"] = n
-        out[f"avg@n"] = run.eval_summary[f"avg@{n}"]
+        out["avg@n"] = run.eval_summary[f"avg@{n}"]
         out["pass@k"] = {int(k): v for k, v in run.eval_summary["pass@k"].items()}
     if run.eval_records and classify:
         out["strategies"] = strategy_stats(run.eval_records, classify)

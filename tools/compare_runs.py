@@ -17,7 +17,8 @@ seeds with [min, max] across seeds:
                    (Chen et al.'s unbiased estimator) with a 95 % confidence interval over
                    problems (normal approximation of the per-problem values, seeds averaged)
   length, entropy  response/length_mean and actor/entropy over the last --last steps
-  RLRT weights     rlrt/d_mean, rlrt/d_positive_frac, rlrt/clip_frac (last --last steps)
+  RLRT weights     rlrt/d_mean, rlrt/d_positive_frac, rlrt/clip_frac and rlrt/adv_abs_shift_mean
+                   (mean |A_t - A| over response tokens: how far the weights moved the advantages)
   vs reference     --reference METHOD: per seed, each method's number minus the reference's on the
                    same seed (same data order and sampling seed), mean [min, max] over the shared
                    seeds and how many seeds the difference is > 0: the effect size and its spread
@@ -52,6 +53,7 @@ TRAIN_COLUMNS = (
     ("rlrt/d_mean", "rlrt/d_mean"),
     ("D_t>0 frac", "rlrt/d_positive_frac"),
     ("clip frac", "rlrt/clip_frac"),
+    ("mean |A_t - A|", "rlrt/adv_abs_shift_mean"),  # how much the token weights moved the advantages
 )
 ALL_STEPS_REWARD = "reward, all steps"
 CURVES = (("reward/mean", "training reward"), ("response/length_mean", "response length (tokens)"),

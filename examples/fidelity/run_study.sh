@@ -4,7 +4,7 @@
 # held-out avg@k / pass@k of every final checkpoint and one comparison report.
 #
 #   bash examples/fidelity/run_study.sh --quick          # smoke size: 1 seed, 5 steps of 4 x 8 rollouts
-#   bash examples/fidelity/run_study.sh                  # the study: 3 seeds, 40 steps
+#   bash examples/fidelity/run_study.sh                  # the study: 3 seeds, 30 steps of 4 x 8 rollouts (~2 h on 2 cores)
 #   bash examples/fidelity/run_study.sh --seeds "1 2" --steps 20 --methods "grpo rlrt_eps1"
 #
 # Stages (each skipped when its output exists, so a rerun resumes; an interrupted RL run
@@ -23,13 +23,13 @@
 #   --quick            1 seed, 5 RL steps of 4 prompts x 8 samples, evaluation on 24 held-out problems x 8
 #   --out DIR          study directory (default outputs/fidelity-study, or outputs/fidelity-quick with --quick)
 #   --seeds "S ..."    RL seeds (default "1 2 3"; --quick "1")
-#   --steps N          RL steps per run (default 40; --quick 5)
+#   --steps N          RL steps per run (default 30; --quick 5)
 #   --methods "M ..."  subset of: rlrt_eps1 grpo rlrt_all rlsd grpo_eb rlrt_eps02 (default: all, in this order)
 #   --eval-n N         samples per held-out problem for pass@k (default 16; --quick 8)
 #   --eval-problems N  held-out problems evaluated (default all 84; --quick 24); the teacher check uses
 #                      at most 40
-#   --prompts N        prompts per RL step, 8 samples each (default 8; --quick 4)
-#   --sft-steps N      warm-up SFT steps (default 450)
+#   --prompts N        prompts per RL step, 8 samples each (default 4; --quick 4)
+#   --sft-steps N      warm-up SFT steps (default 1500: the step-0 teacher check passes from there; 450 did not)
 # Every method gets the same settings (lr 2e-4, --prompts prompts x 8 samples per step, temperature 1,
 # responses up to 64 tokens); only its own --advantage-estimator and method flags differ (method_args below).
 set -euo pipefail

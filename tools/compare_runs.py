@@ -331,8 +331,8 @@ def paired_differences(groups: dict[str, list[Run]], per_run: dict[str, dict], r
     if reference not in groups:
         return "", {}
     ref = {r.seed: per_run[r.path] for r in groups[reference]}
-    out, lines = {}, []
-    cols = [c for c, _ in PAIRED] + ["pass@1"]
+    out = {}
+    cols = [c for c, _ in PAIRED]
     lines = ["| method | seeds paired | " + " | ".join(f"{c}: diff [min, max] (seeds > 0)" for c in cols) + " |",
              "|" + "---|" * (len(cols) + 2)]
     for name, runs in groups.items():
@@ -342,9 +342,8 @@ def paired_differences(groups: dict[str, list[Run]], per_run: dict[str, dict], r
         if not pairs:
             continue
         row, cells = {"seeds": len(pairs)}, [name, str(len(pairs))]
-        for col, key in PAIRED + (("pass@1", None),):
-            get = (lambda x: x.get("pass@k", {}).get(1)) if key is None else (lambda x, k=key: x.get(k))
-            diffs = [get(a) - get(b) for a, b in pairs if get(a) is not None and get(b) is not None]
+        for col, key in PAIRED:  # (no pass@1: it equals avg@n, c/n per problem)
+            diffs = [a[key] - b[key] for a, b in pairs if a.get(key) is not None and b.get(key) is not None]
             if not diffs:
                 cells.append("-")
                 continue
